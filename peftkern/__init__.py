@@ -1,0 +1,12 @@
+"""peftkern: fused Triton and CUDA kernels for parameter-efficient fine-tuning.
+
+Importing peftkern registers the torch ops; it compiles nothing (Triton kernels compile on first
+call, the CUDA extension builds with `peftkern build` or on first use of the cuda backend).
+"""
+
+from . import nn, ops
+from ._backend import BACKENDS, BackendUnavailable, requested_backend, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "BackendUnavailable", "__version__", "nn", "ops", "requested_backend", "use_backend"]

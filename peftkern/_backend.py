@@ -1,0 +1,140 @@
+"""Backend choice: which implementation of an op runs a call.
+
+Order of authority: `use_backend(...)` context > PEFTKERN_BACKEND env var > "auto".
+"auto" picks by device: CUDA tensors try cuda (only if the extension is already built: auto never
+starts a multi-minute compile), then triton, then torch; CPU tensors use torch. A backend that
+cannot take a call says why; the call then falls back to the next backend in that order and the
+fallback is logged once per (op, backend, reason). PEFTKERN_STRICT=1 turns every fallback into an
+error, so a test can prove which kernel ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+log = logging.getLogger("peftkern")
+
+BACKENDS = ("torch", "triton", "cuda")
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftkern_backend", default=None)
+_logged: set[tuple[str, str, str]] = set()
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when a requested backend cannot take a call and strict mode forbids falling back."""
+
+
+def _check_name(name: str) -> str:
+    if name not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown peftkern backend {name!r}: choose one of {BACKENDS + ('auto',)}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend the user asked for: 'torch', 'triton', 'cuda' or 'auto'."""
+    name = _requested.get()
+    if name is None:
+        name = os.environ.get("PEFTKERN_BACKEND", "auto").strip().lower() or "auto"
+    return _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside this block on backend `name` ('torch', 'triton', 'cuda' or 'auto')."""
+    token = _requested.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def strict() -> bool:
+    return os.environ.get("PEFTKERN_STRICT", "0") == "1"
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_import_error() -> str | None:
+    try:
+        import triton
+        import triton.language  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the install
+        return f"triton is not importable ({e})"
+    return None
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """Why Triton cannot run on `device`, or None when it can."""
+    err = _triton_import_error()
+    if err:
+        return err
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        return None if interpreting() else "CPU tensors need TRITON_INTERPRET=1 to run Triton kernels"
+    return f"Triton kernels do not run on {device.type} tensors"
+
+
+def cuda_unavailable(device: torch.device, build_if_missing: bool) -> str | None:
+    """Why the CUDA C++ extension cannot run on `device`, or None when it can."""
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors, got {device.type} tensors"
+    from . import _ext
+
+    ok, why = _ext.available(build_if_missing=build_if_missing)
+    return None if ok else why
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    return ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
+
+
+def dispatch(op: str, device: torch.device, impls: dict[str, Callable[[], str | None]]) -> str:
+    """Pick the backend for one call of `op`.
+
+    `impls` maps backend name -> a function returning None if that backend can take this call,
+    else the reason it cannot. Returns the chosen name.
+    """
+    req = requested_backend()
+    order = _auto_order(device) if req == "auto" else (req, *[b for b in _auto_order(device) if b != req])
+    if "torch" not in order:
+        order = (*order, "torch")
+    reasons = []
+    for name in order:
+        if name not in impls:
+            why = f"{op} has no {name} implementation"
+        elif name == "cuda":
+            why = cuda_unavailable(device, build_if_missing=(req == "cuda")) or impls[name]()
+        elif name == "triton":
+            why = triton_unavailable(device) or impls[name]()
+        else:
+            why = impls[name]()
+        if why is None:
+            if reasons:
+                _note_fallback(op, req, name, reasons)
+            return name
+        reasons.append((name, why))
+    raise BackendUnavailable(f"peftkern.{op}: no backend can take this call: {reasons}")
+
+
+def _note_fallback(op: str, req: str, chosen: str, reasons: list[tuple[str, str]]) -> None:
+    explicit = req != "auto"
+    first, why = reasons[0]
+    if explicit and strict():
+        raise BackendUnavailable(f"peftkern.{op}: backend {first!r} cannot take this call: {why}")
+    key = (op, first, why)
+    if key in _logged:
+        return
+    _logged.add(key)
+    level = logging.WARNING if explicit else logging.INFO
+    log.log(level, "peftkern.%s: %s backend cannot take this call (%s); using %s", op, first, why, chosen)

@@ -1,0 +1,67 @@
+"""Input checks shared by the ops: a clear error naming the argument, before any kernel runs."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tensor(name: str, t, ndim: int | None = None, min_ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dim(s), got shape {tuple(t.shape)}")
+
+
+def same_device(**tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(f"{name} is on {dev} but {first_name} is on {first}: move them to one device")
+
+
+def probability(name: str, p) -> None:
+    if not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {p!r}")
+
+
+def number(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    tensor("x", x, min_ndim=1)
+    tensor("weight", weight, ndim=2)
+    if bias is not None:
+        tensor("bias", bias, ndim=1)
+    tensor("lora_A", lora_A, ndim=2)
+    tensor("lora_B", lora_B, ndim=2)
+    number("scaling", scaling)
+    probability("dropout_p", dropout_p)
+    same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    out_f, in_f = weight.shape
+    r = lora_A.shape[0]
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects in={in_f}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}: cast x to the base layer's dtype")
+    if bias is not None:
+        if bias.shape[0] != out_f:
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_f},)")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}")
+    if lora_A.shape[1] != in_f:
+        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}, expected (r, {in_f})")
+    if tuple(lora_B.shape) != (out_f, r):
+        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}, expected ({out_f}, {r}) (out, r)")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A is {lora_A.dtype} but lora_B is {lora_B.dtype}: adapters share one dtype")
+    if r < 1 or r > min(in_f, out_f):
+        raise ValueError(f"rank r={r} (lora_A.shape[0]) must be in [1, min(in, out)={min(in_f, out_f)}]")

@@ -1,0 +1,1 @@
+"""Wiring peftkern into Hugging Face transformers / peft models."""

@@ -1,0 +1,139 @@
+"""peftkern::lora_linear — y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ as a torch.library op.
+
+The op returns (y, t) with t = drop(x) Aᵀ (fp32, (M, r)) so autograd can save it: backward then
+needs x, t and the dropout seed — never the dropped x nor its mask. Backward is an op too
+(peftkern::lora_linear_backward), so torch.compile and FSDP see two opaque nodes and no graph break.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _validate
+from ..reference import lora as ref
+
+_MAX_SEED = 2**31 - 1
+
+
+def _triton():
+    from ..triton import lora as tri  # imported lazily: no Triton work at `import peftkern`
+
+    return tri
+
+
+CUDA_DECODE_MAX_M = 16
+
+
+def _fwd_backends(x2d, weight, lora_A, p):
+    def cuda_ok():
+        if p > 0.0:
+            return "the cuda decode kernel has no dropout (it serves inference)"
+        if x2d.shape[0] > CUDA_DECODE_MAX_M:
+            return f"the cuda decode kernel takes M <= {CUDA_DECODE_MAX_M} rows, got {x2d.shape[0]}"
+        if lora_A.shape[0] > 128:
+            return "the cuda decode kernel takes rank r <= 128"
+        return None  # it also returns t, so a backward (on triton) still works
+
+    return {"torch": lambda: None, "triton": lambda: None, "cuda": cuda_ok}
+
+
+def _bwd_backends():
+    return {"torch": lambda: None, "triton": lambda: None}
+
+
+@torch.library.custom_op("peftkern::lora_linear", mutates_args=())
+def lora_linear_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+    scaling: float, dropout_p: float, seed: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    x2d = x.reshape(-1, x.shape[-1])
+    s = int(seed.item()) if seed is not None else 0
+    backend = _backend.dispatch("lora_linear", x.device, _fwd_backends(x2d, weight, lora_A, dropout_p))
+    if backend == "cuda":
+        y, t = torch.ops.peftkern_cuda.lora_decode(x2d.contiguous(), weight.contiguous(), bias,
+                                                   lora_A.contiguous(), lora_B.contiguous(), scaling)
+    elif backend == "triton":
+        y, t = _triton().lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, s)
+    else:
+        y, t = ref.lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, s)
+    return y.reshape(*x.shape[:-1], weight.shape[0]), t
+
+
+@lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    m = x.shape[:-1].numel()
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    t = x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
+    return y, t
+
+
+@torch.library.custom_op("peftkern::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(
+    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor,
+    scaling: float, dropout_p: float, seed: Tensor | None, need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dA, dB); dx is an empty (0,) tensor when need_dx is False."""
+    x2d = x.reshape(-1, x.shape[-1])
+    dy2d = dy.reshape(-1, dy.shape[-1])
+    s = int(seed.item()) if seed is not None else 0
+    backend = _backend.dispatch("lora_linear_backward", x.device, _bwd_backends())
+    impl = _triton().lora_linear_bwd if backend == "triton" else ref.lora_linear_bwd
+    dx, d_a, d_b = impl(dy2d, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, s, need_dx)
+    dx = dx.reshape(x.shape) if need_dx else x.new_empty((0,))
+    return dx, d_a, d_b
+
+
+@lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    _, t = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, t, seed)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dt):
+    x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
+    need_dx, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+    dy = dy.contiguous()
+    dx, d_a, d_b = torch.ops.peftkern.lora_linear_backward(
+        dy, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, seed, need_dx
+    )
+    dy2d = dy.reshape(-1, dy.shape[-1])
+    # A trainable base is the slow path: plain torch ops, visible to the compiler.
+    d_w = dy2d.t() @ x.reshape(-1, x.shape[-1]) if need_w else None
+    d_bias = dy2d.sum(0) if (need_b and ctx.has_bias) else None
+    return (dx if need_dx else None, d_w, d_bias, d_a if need_a else None, d_b if need_bb else None,
+            None, None, None)
+
+
+lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def draw_seed(dropout_p: float) -> Tensor | None:
+    """A dropout seed from torch's default generator, so torch.manual_seed reproduces a run."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, _MAX_SEED, (), dtype=torch.int64)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float, dropout_p: float = 0.0) -> Tensor:
+    """Fused LoRA linear: ``x @ weight.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``.
+
+    x: (..., in); weight: (out, in); bias: (out,) or None; lora_A: (r, in); lora_B: (out, r).
+    x and weight share a dtype (fp32/fp16/bf16); lora_A/lora_B may be fp32 on a half base, as peft
+    keeps them. The result has x's dtype. Dropout is applied when dropout_p > 0 (pass 0.0 in eval),
+    from a seed drawn from torch's default generator; the mask is regenerated in backward.
+    """
+    _validate.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    y, _ = torch.ops.peftkern.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling),
+                                          float(dropout_p), draw_seed(dropout_p))
+    return y

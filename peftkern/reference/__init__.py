@@ -1,0 +1,1 @@
+"""Pure-PyTorch implementations: the CPU path of every op and the oracle of every test."""

@@ -1,0 +1,34 @@
+"""Helpers shared by the Triton launchers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
+    """Autotune on a GPU; one config under the interpreter (it cannot benchmark configs there)."""
+    return [interp] if INTERPRET else gpu
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands must not silently drop to TF32: torch's matmul default is full fp32."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """Triton's interpreter multiplies bf16 bits as integers in tl.dot (triton#11584): upcast there."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))

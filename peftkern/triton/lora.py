@@ -1,0 +1,317 @@
+"""Fused LoRA linear: Triton kernels and launchers.
+
+Forward (two launches):
+  shrink:  t = drop(x) Aᵀ                       dropout from Philox(seed, m*in + k), no mask stored
+  gemm:    y = x Wᵀ + s · t Bᵀ + b               LoRA term and bias in the epilogue, y written once
+Backward (four launches, dW/db are left to torch when the base is trainable):
+  shrink:  dt = s · dy B                        computed once, reused by dx and dA
+  gemm:    dx = dy W + (dt A) ⊙ keep / (1 - p)  the LoRA term and the regenerated mask in the epilogue
+  tn:      dAᵀ = drop(x)ᵀ dt,  dB = s · dyᵀ t   skinny GEMMs split over M, partials summed in fp32
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, block_r, configs, dot_precision, upcast_dots
+
+
+def _gemm_cfg(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+# Sized for A100 / H100 at LLM shapes (K, N in the thousands) plus narrow tiles for small M.
+_GEMM_CONFIGS = configs(
+    [
+        _gemm_cfg(128, 256, 64, 8, 3),
+        _gemm_cfg(256, 128, 64, 8, 3),
+        _gemm_cfg(128, 128, 64, 8, 4),
+        _gemm_cfg(128, 128, 64, 4, 4),
+        _gemm_cfg(64, 128, 64, 4, 4),
+        _gemm_cfg(128, 64, 64, 4, 4),
+        _gemm_cfg(64, 64, 64, 4, 4),
+        _gemm_cfg(16, 128, 128, 4, 4),
+    ],
+    _gemm_cfg(32, 32, 32, 4, 1),
+)
+
+
+@triton.jit
+def _keep(seed, offs_m, offs_n, row_len, p):
+    """Dropout keep-mask for element (m, n) of an (M, row_len) tensor: Philox(seed, m*row_len + n)."""
+    offs = offs_m[:, None].to(tl.int64) * row_len + offs_n[None, :]
+    return tl.rand(seed, offs) >= p
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "R"])
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _gemm_lora_kernel(
+    X, W, T, U, BIAS, OUT,
+    M, N, K, R,
+    sxm, sxk, swn, swk, stm, str_, sun, sur, som, son,
+    scaling, seed, p,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PREC_MAIN: tl.constexpr, PREC_LORA: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """OUT[m, n] = Σ_k X[m,k] W[n,k] + s · (Σ_r T[m,r] U[n,r]) ⊙ keep(m, n) + BIAS[n]."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: programs sharing W columns run together, so W tiles stay in L2.
+    group = GROUP_M * grid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    x_ptrs = X + rm[:, None] * sxm + offs_k[None, :] * sxk
+    w_ptrs = W + rn[None, :] * swn + offs_k[:, None] * swk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=PREC_MAIN)
+        x_ptrs += BLOCK_K * sxk
+        w_ptrs += BLOCK_K * swk
+
+    # Epilogue: the rank-r LoRA term, from the (M, r) tensor T and the (N, r) factor U.
+    offs_r = tl.arange(0, BLOCK_R)
+    t = tl.load(T + rm[:, None] * stm + offs_r[None, :] * str_, mask=offs_r[None, :] < R, other=0.0)
+    u = tl.load(U + rn[None, :] * sun + offs_r[:, None] * sur, mask=offs_r[:, None] < R, other=0.0)
+    lora = tl.dot(t.to(tl.float32), u.to(tl.float32), input_precision=PREC_LORA) * scaling
+    if HAS_DROPOUT:
+        lora = tl.where(_keep(seed, offs_m, offs_n, N, p), lora, 0.0)
+    acc += lora
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn).to(tl.float32)[None, :]
+
+    out_ptrs = OUT + offs_m[:, None] * som + offs_n[None, :] * son
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+_SHRINK_CONFIGS = configs(
+    [
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 256}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
+    ],
+    triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+)
+
+
+@triton.autotune(configs=_SHRINK_CONFIGS, key=["K", "R"])
+@triton.jit
+def _shrink_kernel(
+    X, A, T,
+    M, K, R,
+    sxm, sxk, sar, sak, stm, str_,
+    scale, seed, p,
+    HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """T[m, r] = scale · Σ_k drop(X)[m,k] A[r,k], fp32 out; dropout before `scale` (kept: 1/(1-p))."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        x = tl.load(X + offs_m[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            x = tl.where(_keep(seed, offs_m, kk, K, p), x, 0.0)
+        a = tl.load(A + offs_r[None, :] * sar + kk[:, None] * sak, mask=r_ok[None, :] & k_ok[:, None],
+                    other=0.0).to(tl.float32)
+        acc = tl.dot(x, a, acc, input_precision=PREC)
+    tl.store(T + offs_m[:, None] * stm + offs_r[None, :] * str_, acc * scale,
+             mask=m_ok[:, None] & r_ok[None, :])
+
+
+_TN_CONFIGS = configs(
+    [
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 256, "BLOCK_M": 32}, num_warps=8, num_stages=3),
+    ],
+    triton.Config({"BLOCK_N": 32, "BLOCK_M": 16}, num_warps=4, num_stages=1),
+)
+
+
+@triton.autotune(configs=_TN_CONFIGS, key=["N", "R", "SPLIT"])
+@triton.jit
+def _tn_kernel(
+    X, T, P,
+    M, N, R, rows_per_split,
+    sxm, sxn, stm, str_,
+    scale, seed, p,
+    SPLIT: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """P[s, n, r] = scale · Σ_{m in split s} drop(X)[m,n] T[m,r]; the caller sums P over s."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+    m_lo = pid_s * rows_per_split
+    m_hi = tl.minimum(m_lo + rows_per_split, M)
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_hi
+        # X tile loaded transposed: (BLOCK_N, BLOCK_M).
+        xt = tl.load(X + offs_m[None, :] * sxm + offs_n[:, None] * sxn, mask=n_ok[:, None] & m_ok[None, :],
+                     other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            xt = tl.where(tl.trans(_keep(seed, offs_m, offs_n, N, p)), xt, 0.0)
+        t = tl.load(T + offs_m[:, None] * stm + offs_r[None, :] * str_, mask=m_ok[:, None] & r_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc = tl.dot(xt, t, acc, input_precision=PREC)
+    out = P + pid_s * N * R + offs_n[:, None] * R + offs_r[None, :]
+    tl.store(out, acc * scale, mask=n_ok[:, None] & r_ok[None, :])
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _seed_int(seed) -> int:
+    return 0 if seed is None else int(seed)
+
+
+def shrink(x2d, a_rk_strides, a, r, scale, p, seed, prec):
+    """T (M, r) fp32 = scale · drop(x2d) · Aᵀ, where A[r, k] is read with strides `a_rk_strides`."""
+    M, K = x2d.shape
+    t = torch.empty((M, r), device=x2d.device, dtype=torch.float32)
+    if M == 0:
+        return t
+    br = min(block_r(r), 64)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, br))
+    _shrink_kernel[grid](
+        x2d, a, t, M, K, r,
+        x2d.stride(0), x2d.stride(1), a_rk_strides[0], a_rk_strides[1], t.stride(0), t.stride(1),
+        scale, _seed_int(seed), p,
+        HAS_DROPOUT=p > 0.0, PREC=prec, BLOCK_R=br,
+    )
+    return t
+
+
+def gemm_lora(x2d, w, w_nk_strides, t, u, u_nr_strides, bias, out_dtype, N, scaling, p, seed):
+    """OUT (M, N) = x2d · Wᵀ + scaling · (t · Uᵀ) ⊙ keep + bias (W[n, k], U[n, r] read by strides)."""
+    M, K = x2d.shape
+    r = t.shape[1]
+    out = torch.empty((M, N), device=x2d.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _gemm_lora_kernel[grid](
+        x2d, w, t, u, bias if bias is not None else t, out,
+        M, N, K, r,
+        x2d.stride(0), x2d.stride(1), w_nk_strides[0], w_nk_strides[1],
+        t.stride(0), t.stride(1), u_nr_strides[0], u_nr_strides[1], out.stride(0), out.stride(1),
+        scaling, _seed_int(seed), p,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0,
+        PREC_MAIN=dot_precision(x2d.dtype), PREC_LORA=dot_precision(x2d.dtype),
+        UPCAST=upcast_dots(x2d.dtype), BLOCK_R=block_r(r),
+    )
+    return out
+
+
+def _num_splits(M: int, N: int, device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return 1 if M < 64 else 2
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    n_blocks = triton.cdiv(N, 128)
+    return max(1, min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(M, 256), 64))
+
+
+def tn(x2d, t, scale, p, seed, prec):
+    """(N, r) fp32 = scale · drop(x2d)ᵀ · t, reduced over M in splits."""
+    M, N = x2d.shape
+    r = t.shape[1]
+    if M == 0:
+        return torch.zeros((N, r), device=x2d.device, dtype=torch.float32)
+    split = _num_splits(M, N, x2d.device)
+    rows = triton.cdiv(M, split)
+    part = torch.empty((split, N, r), device=x2d.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
+    _tn_kernel[grid](
+        x2d, t, part, M, N, r, rows,
+        x2d.stride(0), x2d.stride(1), t.stride(0), t.stride(1),
+        scale, _seed_int(seed), p,
+        SPLIT=split, HAS_DROPOUT=p > 0.0, PREC=prec, BLOCK_R=block_r(r),
+    )
+    return part[0] if split == 1 else part.sum(0)
+
+
+def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
+    """Returns (y, t): y (M, out) in x's dtype, t = drop(x) Aᵀ (M, r) fp32."""
+    prec = dot_precision(x2d.dtype)
+    r = lora_A.shape[0]
+    inv_keep = 1.0 / (1.0 - p)
+    t = shrink(x2d, lora_A.stride(), lora_A, r, inv_keep, p, seed, prec)
+    y = gemm_lora(x2d, weight, weight.stride(), t, lora_B, lora_B.stride(), bias, x2d.dtype,
+                  weight.shape[0], scaling, 0.0, None)
+    return y, t
+
+
+def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_dx):
+    """Returns (dx or None, dA, dB) as the reference backward does."""
+    prec = dot_precision(dy.dtype)
+    r = lora_A.shape[0]
+    inv_keep = 1.0 / (1.0 - p)
+    # dt = s · dy B: B is (out, r), read as A[r, k] = B[k, r].
+    dt = shrink(dy, (lora_B.stride(1), lora_B.stride(0)), lora_B, r, scaling, 0.0, None, prec)
+    dx = None
+    if need_dx:
+        # dx = dy W + (dt A) ⊙ keep/(1-p): W[n=in, k=out] = weight[k, n]; U[n=in, r] = A[r, n].
+        dx = gemm_lora(dy, weight, (weight.stride(1), weight.stride(0)), dt, lora_A,
+                       (lora_A.stride(1), lora_A.stride(0)), None, x2d.dtype, weight.shape[1],
+                       inv_keep, p, seed)
+    d_a = tn(x2d, dt, inv_keep, p, seed, prec).t().to(lora_A.dtype).contiguous()
+    d_b = tn(dy, t, scaling, 0.0, None, prec).to(lora_B.dtype)
+    return dx, d_a, d_b
+
+
+@triton.jit
+def _keep_mask_kernel(OUT, M, N, seed, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, offs_m, offs_n, N, p)
+    tl.store(OUT + offs_m[:, None] * N + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def dropout_keep(M: int, N: int, p: float, seed: int, device) -> torch.Tensor:
+    """The (M, N) keep-mask the kernels draw for `seed`, materialized (for tests and debugging)."""
+    out = torch.empty((M, N), dtype=torch.int8, device=device)
+    if M and N:
+        _keep_mask_kernel[(triton.cdiv(M, 32), triton.cdiv(N, 32))](out, M, N, seed, p, BLOCK_M=32, BLOCK_N=32)
+    return out.bool()
