@@ -14,8 +14,12 @@ TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16
 
 
 def configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
-    """Autotune on a GPU; one config under the interpreter (it cannot benchmark configs there)."""
-    return [interp] if INTERPRET else gpu
+    """Autotune on a GPU; one config under the interpreter (it cannot benchmark configs there).
+    PEFTKERN_TUNE=0 keeps only the first GPU config: test suites hit many shapes, and tuning each
+    costs compiles, not coverage."""
+    if INTERPRET:
+        return [interp]
+    return gpu[:1] if os.environ.get("PEFTKERN_TUNE", "1") == "0" else gpu
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -1,0 +1,86 @@
+"""Timing and environment capture shared by the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def timeit(fn: Callable[[], object], device: torch.device, quick: bool = False) -> dict:
+    """Median and 20th/80th percentiles in milliseconds, after warm-up.
+
+    CUDA: triton.testing.do_bench (CUDA events, L2 flushed between runs). CPU:
+    torch.utils.benchmark's adaptive loop.
+    """
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        q = do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up (first calls compile / fill caches)
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=0.05 if quick else 0.3
+    )
+    times = sorted(m.times)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3
+    return {"median_ms": m.median * 1e3, "p20_ms": pick(0.2), "p80_ms": pick(0.8)}
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak allocation above the starting point while running fn (CUDA only; None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def git_commit() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    import peftkern
+
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "device_type": device.type,
+        "commit": git_commit(),
+        "peftkern": peftkern.__version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    for name in ("peft", "transformers"):
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:
+            env[name] = None
+    return env

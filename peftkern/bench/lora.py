@@ -1,0 +1,215 @@
+"""LoRA linear microbenchmark: peftkern beside peft's layer, an eager composition, torch.compile
+of peft's layer, and the frozen base linear (the floor), on the same inputs in one process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _backend
+from .._memory import saved_bytes
+from ..ops.lora import CUDA_DECODE_MAX_M, lora_linear
+
+
+@dataclass
+class Case:
+    name: str
+    m: int
+    d_in: int
+    d_out: int
+    r: int
+    p: float
+    train: bool  # training step (fwd/bwd/full) or inference (fwd under no_grad)
+
+
+PRESETS = {
+    "llama-7b": [Case("train", 8192, 4096, 4096, 16, 0.1, True),
+                 Case("decode-m1", 1, 4096, 4096, 16, 0.0, False),
+                 Case("decode-m16", 16, 4096, 4096, 16, 0.0, False)],
+    "llama-1b": [Case("train", 8192, 2048, 2048, 16, 0.1, True),
+                 Case("decode-m1", 1, 2048, 2048, 16, 0.0, False)],
+    "tiny": [Case("train", 512, 512, 512, 16, 0.1, True),
+             Case("decode-m4", 4, 512, 512, 16, 0.0, False)],
+}
+QUICK = {"tiny": [Case("train", 256, 256, 256, 16, 0.1, True), Case("decode-m4", 4, 256, 256, 16, 0.0, False)]}
+
+
+class _Net(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_layer(case: Case, dtype, device):
+    import peft
+
+    net = _Net(case.d_in, case.d_out).to(device=device, dtype=dtype)
+    cfg = peft.LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.p, target_modules=["proj"])
+    model = peft.get_peft_model(net, cfg)
+    layer = model.base_model.model.proj
+    with torch.no_grad():  # peft starts B at zero; a benchmark wants a live adapter
+        layer.lora_B["default"].weight.normal_(0, 0.02)
+    return layer.train(case.train)
+
+
+def providers(case: Case, dtype, device, compile_baseline: bool) -> dict[str, Callable | str]:
+    """name -> forward closure over shared inputs, or a string saying why it is skipped."""
+    layer = _peft_layer(case, dtype, device)
+    base = layer.base_layer
+    w, b = base.weight, base.bias
+    a32, b32 = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = layer.scaling["default"]
+    # The pure eager composition in the activation dtype (adapters cast once, outside the timing).
+    a_h = a32.detach().to(dtype).requires_grad_(True)
+    b_h = b32.detach().to(dtype).requires_grad_(True)
+    p = case.p if case.train else 0.0
+
+    out: dict[str, Callable | str] = {
+        "base": lambda x: F.linear(x, w, b),
+        "peft": lambda x: layer(x),
+        "eager": lambda x: F.linear(x, w, b) + F.linear(F.linear(F.dropout(x, p, True), a_h), b_h) * s,
+    }
+    if compile_baseline:
+        compiled = torch.compile(layer)
+        out["peft+compile"] = lambda x: compiled(x)
+    else:
+        out["peft+compile"] = "skipped on CPU (slow to compile; pass --compile)"
+    for name in _backend.BACKENDS:
+        why = _backend_why_not(name, case, device)
+        if why:
+            out[f"peftkern-{name}"] = why
+        else:
+            out[f"peftkern-{name}"] = _bound(name, lambda x: lora_linear(x, w, b, a32, b32, s, p))
+    out["_params"] = [w, b, a32, b32, a_h, b_h]  # type: ignore[assignment]
+    return out
+
+
+def _bound(backend: str, fn):
+    def run(x):
+        with _backend.use_backend(backend):
+            return fn(x)
+
+    return run
+
+
+def _backend_why_not(name: str, case: Case, device) -> str | None:
+    if name == "triton":
+        return _backend.triton_unavailable(device)
+    if name == "cuda":
+        if device.type != "cuda":
+            return "needs a CUDA device"
+        if case.train or case.m > CUDA_DECODE_MAX_M:
+            return f"decode kernel only (M <= {CUDA_DECODE_MAX_M}, inference)"
+        return _backend.cuda_unavailable(device, build_if_missing=True)
+    return None
+
+
+def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, compile_baseline: bool):
+    cases = (QUICK.get(preset) if quick else None) or PRESETS[preset]
+    rows = []
+    for case in cases:
+        x = torch.randn(case.m, case.d_in, device=device, dtype=dtype)
+        provs = providers(case, dtype, device, compile_baseline)
+        params = provs.pop("_params")
+        modes = ("fwd", "bwd", "full") if case.train else ("fwd",)
+        for name, fn in provs.items():
+            row = dict(op="lora", case=case.name, provider=name, m=case.m, d_in=case.d_in, d_out=case.d_out,
+                       r=case.r, dropout=case.p if case.train else 0.0, dtype=str(dtype).split(".")[-1])
+            if isinstance(fn, str):
+                rows.append(row | {"skipped": fn})
+                continue
+            progress(f"lora {case.name} {name}")
+            try:
+                row |= _measure(fn, x, case, modes, params, device, quick, timeit, peak_bytes)
+            except Exception as e:  # a failing provider is reported, not hidden
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+    return rows
+
+
+def _measure(fn, x0, case, modes, params, device, quick, timeit, peak_bytes):
+    res = {}
+    if not case.train:
+        with torch.no_grad():
+            res["y_checksum"] = fn(x0).float().abs().mean().item()
+            res["fwd"] = timeit(lambda: fn(x0), device, quick)
+        return res
+    x = x0.detach().requires_grad_(True)
+    y = fn(x)
+    gy = torch.randn_like(y)
+    res["y_checksum"] = y.float().abs().mean().item()  # same inputs: providers must agree closely
+    del y
+    grads = [x, *[t for t in params if t is not None and t.requires_grad]]
+
+    def clear():
+        for t in grads:
+            t.grad = None
+
+    def full():
+        fn(x).backward(gy)
+
+    for mode in modes:
+        if mode == "fwd":
+            res["fwd"] = timeit(lambda: fn(x), device, quick)
+        elif mode == "bwd":
+            y = fn(x)
+            res["bwd"] = timeit(lambda: (clear(), y.backward(gy, retain_graph=True)), device, quick)
+            del y
+        else:
+            res["full"] = timeit(lambda: (clear(), full()), device, quick)
+    clear()
+    res["saved_bytes"] = saved_bytes(lambda: fn(x), [p for p in params if p is not None])
+    res["peak_bytes"] = peak_bytes(lambda: (clear(), full()), device)
+    clear()
+    res["flops_fwd"] = 2 * case.m * case.d_in * case.d_out + 2 * case.m * case.r * (case.d_in + case.d_out)
+    res["bytes_fwd_min"] = (case.m * (case.d_in + case.d_out) + case.d_in * case.d_out) * x0.element_size()
+    return res
+
+
+BASELINES = ("peft", "eager", "peft+compile", "base")
+
+
+def speedups(rows):
+    """Add, for each peftkern row and mode, the ratio baseline_time / peftkern_time."""
+    index = {(r["case"], r["provider"]): r for r in rows}
+    for r in rows:
+        if not r["provider"].startswith("peftkern") or "skipped" in r or "error" in r:
+            continue
+        for mode in ("fwd", "bwd", "full"):
+            if mode not in r:
+                continue
+            for base in BASELINES:
+                b = index.get((r["case"], base))
+                if b and mode in b:
+                    r.setdefault("speedup", {}).setdefault(mode, {})[base] = (
+                        b[mode]["median_ms"] / r[mode]["median_ms"])
+    return rows
+
+
+def _fmt_bytes(n):
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.1f}M" if n >= 2**20 else f"{n / 2**10:.0f}K"
+
+
+def table(rows) -> str:
+    lines = [f"{'case':<12}{'provider':<18}{'fwd ms':>9}{'bwd ms':>9}{'full ms':>9}{'saved':>9}{'peak':>9}"
+             f"   full speedup vs peft / eager / compile / base"]
+    for r in rows:
+        head = f"{r['case']:<12}{r['provider']:<18}"
+        if "skipped" in r or "error" in r:
+            lines.append(head + ("skipped: " + r["skipped"] if "skipped" in r else "ERROR: " + r["error"]))
+            continue
+        t = lambda m: f"{r[m]['median_ms']:9.3f}" if m in r else f"{'-':>9}"
+        sp = r.get("speedup", {}).get("full") or r.get("speedup", {}).get("fwd") or {}
+        spd = " / ".join(f"{sp[b]:.2f}x" if b in sp else "-" for b in BASELINES)
+        lines.append(head + t("fwd") + t("bwd") + t("full") + f"{_fmt_bytes(r.get('saved_bytes')):>9}"
+                     f"{_fmt_bytes(r.get('peak_bytes')):>9}   " + (spd if sp else ""))
+    return "\n".join(lines)
