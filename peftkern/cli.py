@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -13,8 +14,7 @@ OPS = ("lora",)
 def _bench(args) -> int:
     import torch
 
-    from .bench import _timing
-    from .bench import lora as bench_lora
+    from .bench import _table, _timing
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -30,10 +30,11 @@ def _bench(args) -> int:
 
     rows = []
     for op in args.ops:
-        if op == "lora":
-            rows += bench_lora.speedups(bench_lora.run(preset, dtype, device, args.quick, _timing.timeit,
-                                                       _timing.peak_bytes, progress, compile_baseline))
-    print(bench_lora.table(rows))
+        mod = importlib.import_module(f"peftkern.bench.{op}")
+        op_rows = mod.run(preset, dtype, device, args.quick, _timing.timeit, _timing.peak_bytes, progress,
+                          compile_baseline)
+        rows += _table.speedups(op_rows, mod.BASELINES)
+        print(_table.table(op_rows, mod.BASELINES), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "preset": preset, "quick": args.quick, "rows": rows}, f, indent=1)
@@ -61,7 +62,7 @@ def _info(args) -> int:
     for dev in devices:
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         print(f"{dev.type} ({name}):")
-        print(f"  torch : yes")
+        print("  torch : yes")
         why = _backend.triton_unavailable(dev)
         print(f"  triton: {'yes' if why is None else 'no - ' + why}")
         why = _backend.cuda_unavailable(dev, build_if_missing=False)

@@ -160,7 +160,7 @@ def _measure(fn, x0, case, modes, params, device, quick, timeit, peak_bytes):
             res["fwd"] = timeit(lambda: fn(x), device, quick)
         elif mode == "bwd":
             y = fn(x)
-            res["bwd"] = timeit(lambda: (clear(), y.backward(gy, retain_graph=True)), device, quick)
+            res["bwd"] = timeit(lambda y=y: (clear(), y.backward(gy, retain_graph=True)), device, quick)
             del y
         else:
             res["full"] = timeit(lambda: (clear(), full()), device, quick)
@@ -174,42 +174,3 @@ def _measure(fn, x0, case, modes, params, device, quick, timeit, peak_bytes):
 
 
 BASELINES = ("peft", "eager", "peft+compile", "base")
-
-
-def speedups(rows):
-    """Add, for each peftkern row and mode, the ratio baseline_time / peftkern_time."""
-    index = {(r["case"], r["provider"]): r for r in rows}
-    for r in rows:
-        if not r["provider"].startswith("peftkern") or "skipped" in r or "error" in r:
-            continue
-        for mode in ("fwd", "bwd", "full"):
-            if mode not in r:
-                continue
-            for base in BASELINES:
-                b = index.get((r["case"], base))
-                if b and mode in b:
-                    r.setdefault("speedup", {}).setdefault(mode, {})[base] = (
-                        b[mode]["median_ms"] / r[mode]["median_ms"])
-    return rows
-
-
-def _fmt_bytes(n):
-    if n is None:
-        return "-"
-    return f"{n / 2**20:.1f}M" if n >= 2**20 else f"{n / 2**10:.0f}K"
-
-
-def table(rows) -> str:
-    lines = [f"{'case':<12}{'provider':<18}{'fwd ms':>9}{'bwd ms':>9}{'full ms':>9}{'saved':>9}{'peak':>9}"
-             f"   full speedup vs peft / eager / compile / base"]
-    for r in rows:
-        head = f"{r['case']:<12}{r['provider']:<18}"
-        if "skipped" in r or "error" in r:
-            lines.append(head + ("skipped: " + r["skipped"] if "skipped" in r else "ERROR: " + r["error"]))
-            continue
-        t = lambda m: f"{r[m]['median_ms']:9.3f}" if m in r else f"{'-':>9}"
-        sp = r.get("speedup", {}).get("full") or r.get("speedup", {}).get("fwd") or {}
-        spd = " / ".join(f"{sp[b]:.2f}x" if b in sp else "-" for b in BASELINES)
-        lines.append(head + t("fwd") + t("bwd") + t("full") + f"{_fmt_bytes(r.get('saved_bytes')):>9}"
-                     f"{_fmt_bytes(r.get('peak_bytes')):>9}   " + (spd if sp else ""))
-    return "\n".join(lines)

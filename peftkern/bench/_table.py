@@ -1,0 +1,48 @@
+"""Speedup ratios and the text table shared by every op's benchmark.
+
+A row is a dict: op, case, provider, shape fields, and per mode ("fwd", "bwd", "full") a dict
+{median_ms, p20_ms, p80_ms}; optionally saved_bytes, peak_bytes; or "skipped"/"error" with a reason.
+Rows whose provider starts with "peftkern" get speedup[mode][baseline] = baseline / peftkern time.
+"""
+
+from __future__ import annotations
+
+MODES = ("fwd", "bwd", "full")
+
+
+def speedups(rows: list[dict], baselines: tuple[str, ...]) -> list[dict]:
+    index = {(r["op"], r["case"], r["provider"]): r for r in rows}
+    for r in rows:
+        if not r["provider"].startswith("peftkern") or "skipped" in r or "error" in r:
+            continue
+        for mode in MODES:
+            if mode not in r:
+                continue
+            for base in baselines:
+                b = index.get((r["op"], r["case"], base))
+                if b and mode in b:
+                    r.setdefault("speedup", {}).setdefault(mode, {})[base] = (
+                        b[mode]["median_ms"] / r[mode]["median_ms"])
+    return rows
+
+
+def _fmt_bytes(n):
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.1f}M" if n >= 2**20 else f"{n / 2**10:.0f}K"
+
+
+def table(rows: list[dict], baselines: tuple[str, ...]) -> str:
+    lines = [f"{'op':<8}{'case':<12}{'provider':<18}{'fwd ms':>9}{'bwd ms':>9}{'full ms':>9}{'saved':>9}"
+             f"{'peak':>9}   speedup (full, else fwd) vs {' / '.join(baselines)}"]
+    for r in rows:
+        head = f"{r['op']:<8}{r['case']:<12}{r['provider']:<18}"
+        if "skipped" in r or "error" in r:
+            lines.append(head + ("skipped: " + r["skipped"] if "skipped" in r else "ERROR: " + r["error"]))
+            continue
+        t = lambda m, r=r: f"{r[m]['median_ms']:9.3f}" if m in r else f"{'-':>9}"
+        sp = r.get("speedup", {}).get("full") or r.get("speedup", {}).get("fwd") or {}
+        spd = " / ".join(f"{sp[b]:.2f}x" if b in sp else "-" for b in baselines)
+        lines.append(head + t("fwd") + t("bwd") + t("full") + f"{_fmt_bytes(r.get('saved_bytes')):>9}"
+                     f"{_fmt_bytes(r.get('peak_bytes')):>9}   " + (spd if sp else ""))
+    return "\n".join(lines)
