@@ -46,6 +46,8 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
 
 
 def git_commit() -> str:
+    if os.environ.get("PEFTKERN_COMMIT"):  # set by gpu_check.sh where the tree travels without .git
+        return os.environ["PEFTKERN_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,

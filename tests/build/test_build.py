@@ -1,0 +1,312 @@
+"""The CUDA extension builds, caches, loads and reports mismatches; on a GPU, lora_decode is
+checked against an fp64 reference.
+
+The build goes to a test-specific cache (``$PEFTKERN_TEST_CACHE_DIR`` or
+``~/.cache/peftkern-test``), reused across runs. Skipped only when nvcc is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkern import _ext
+
+CUDA = torch.cuda.is_available()
+_TEST_CACHE = Path(os.environ.get("PEFTKERN_TEST_CACHE_DIR", Path.home() / ".cache" / "peftkern-test"))
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Build (or reuse) the extension in the test cache; yields (so path, seconds the call took)."""
+    if _ext.nvcc_path() is None:
+        pytest.skip("nvcc not found: the CUDA extension cannot be built here")
+    if torch.version.cuda is None:
+        pytest.skip("torch is a CPU-only build")
+    saved = {k: os.environ.get(k) for k in ("PEFTKERN_CACHE_DIR", "PEFTKERN_NO_BUILD")}
+    os.environ["PEFTKERN_CACHE_DIR"] = str(_TEST_CACHE)
+    os.environ.pop("PEFTKERN_NO_BUILD", None)
+    t0 = time.perf_counter()
+    so = _ext.build()
+    seconds = time.perf_counter() - t0
+    _ext.load(build_if_missing=False)
+    yield so, seconds
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """Make _ext forget that it loaded the library (the library itself stays loaded)."""
+    monkeypatch.setattr(_ext, "_loaded_path", None)
+    monkeypatch.setattr(_ext, "_avail_cache", {})
+
+
+def test_so_exists_and_loads(built):
+    so, _ = built
+    assert so.is_file() and so.stat().st_size > 0
+    assert so.parent == _ext.build_dir()
+    torch.ops.load_library(str(so))  # idempotent
+    assert _ext.is_loaded()
+    assert hasattr(torch.ops.peftkern_cuda, "lora_decode")
+    st = _ext.status()
+    assert st["loaded"] and st["built"] and st["up_to_date"] and st["so_path"] == str(so)
+    assert st["nvcc_version"] == _ext.nvcc_version()
+    if not CUDA:
+        assert "no CUDA device" in st["why_not"]
+
+
+def test_build_meta(built):
+    so, _ = built
+    meta = json.loads((so.parent / _ext.META_NAME).read_text())
+    assert meta["torch"] == torch.__version__
+    assert meta["torch_cuda"] == torch.version.cuda
+    assert meta["archs"] == _ext.arch_list()
+    assert meta["nvcc"] == _ext.nvcc_version() and meta["nvcc"]
+    assert meta["sources_sha256"] == _ext.sources_sha256()
+    assert meta["so"] == so.name
+    assert "lora/lora_decode.cu" in meta["sources"] and "ops.cpp" in meta["sources"]
+    assert meta["built_at"]
+
+
+def test_second_build_is_a_noop(built):
+    so, _ = built
+    before = so.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    assert _ext.build() == so
+    assert time.perf_counter() - t0 < 5.0
+    assert so.stat().st_mtime_ns == before
+
+
+def test_cpu_tensors_raise_clearly(built):
+    x = torch.randn(2, 8)
+    w = torch.randn(4, 8)
+    a = torch.randn(2, 8)
+    b = torch.randn(4, 2)
+    with pytest.raises((RuntimeError, NotImplementedError), match="CUDA"):
+        torch.ops.peftkern_cuda.lora_decode(x, w, None, a, b, 1.0)
+
+
+def test_meta_kernel(built):
+    dev = "meta"
+    x = torch.empty(3, 40, device=dev, dtype=torch.bfloat16)
+    w = torch.empty(24, 40, device=dev, dtype=torch.bfloat16)
+    bias = torch.empty(24, device=dev, dtype=torch.bfloat16)
+    a = torch.empty(8, 40, device=dev, dtype=torch.float32)
+    b = torch.empty(24, 8, device=dev, dtype=torch.float32)
+    y, t = torch.ops.peftkern_cuda.lora_decode(x, w, bias, a, b, 0.5)
+    assert y.shape == (3, 24) and y.dtype == torch.bfloat16 and y.device.type == "meta"
+    assert t.shape == (3, 8) and t.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="weight dtype"):
+        torch.ops.peftkern_cuda.lora_decode(x, w.float(), bias, a, b, 0.5)
+    with pytest.raises(RuntimeError, match="lora_A must be float32 or x's dtype"):
+        torch.ops.peftkern_cuda.lora_decode(x, w, bias, a.half(), b.half(), 0.5)
+
+
+def test_mismatch_message_under_no_build(built, fresh_state, monkeypatch):
+    so, _ = built
+    meta_path = so.parent / _ext.META_NAME
+    original = meta_path.read_text()
+    meta = json.loads(original)
+    meta["torch"] = "0.0.1+tampered"
+    meta["torch_cuda"] = "9.9"
+    monkeypatch.setenv("PEFTKERN_NO_BUILD", "1")
+    try:
+        meta_path.write_text(json.dumps(meta))
+        with pytest.raises(RuntimeError) as ei:
+            _ext.load()
+        msg = str(ei.value)
+        assert "built for torch 0.0.1+tampered / CUDA 9.9" in msg
+        assert f"you have torch {torch.__version__} / CUDA {torch.version.cuda}" in msg
+        assert "peftkern build" in msg
+        assert _ext.status()["up_to_date"] is False
+        # build() must refuse nothing here but must not be reached: load never compiles under NO_BUILD.
+        assert so.stat().st_size > 0
+    finally:
+        meta_path.write_text(original)
+    assert _ext.status()["up_to_date"]
+
+
+def test_mismatch_other_archs_names_the_existing_build(built, fresh_state, monkeypatch):
+    monkeypatch.setenv("PEFTKERN_NO_BUILD", "1")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")
+    assert not _ext.build_dir().exists()
+    with pytest.raises(RuntimeError, match=r"archs 8\.0;9\.0\), you have torch .* \(archs 7\.5\)"):
+        _ext.load()
+    ok, why = _ext.available()
+    assert not ok and why
+
+
+def test_cuda_home_through_wrapper_script(tmp_path, monkeypatch):
+    real = _ext.nvcc_path()
+    if real is None:
+        pytest.skip("nvcc not found")
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert Path(_ext.cuda_home()).resolve() == Path(real).resolve().parent.parent
+    assert shutil.which("nvcc") == str(wrapper)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: numerics against fp64
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _poison_allocator(nbytes: int):
+    """Fill freed cache blocks with NaN so a kernel that skips an output element shows it."""
+    p = torch.full((nbytes // 4 + 1024,), float("nan"), device="cuda")
+    del p
+
+
+def _inputs(M, K, N, r, dtype, adapter_dtype, with_bias, gen):
+    dev = "cuda"
+    x = torch.randn(M, K, generator=gen, device=dev).to(dtype)
+    w = (torch.randn(N, K, generator=gen, device=dev) / math.sqrt(K)).to(dtype)
+    b = torch.randn(N, generator=gen, device=dev).to(dtype) if with_bias else None
+    a = (torch.randn(r, K, generator=gen, device=dev) / math.sqrt(K)).to(adapter_dtype)
+    bb = torch.randn(N, r, generator=gen, device=dev).to(adapter_dtype)
+    return x, w, b, a, bb
+
+
+def _reference(x, w, b, a, bb, s):
+    d = torch.float64
+    t = x.to(d) @ a.to(d).T
+    y = x.to(d) @ w.to(d).T + s * (t @ bb.to(d).T)
+    if b is not None:
+        y = y + b.to(d)
+    return y, t
+
+
+def _torch_same_dtype(x, w, b, a, bb, s):
+    """What eager torch / peft computes: base in x's dtype, the LoRA branch in the adapters' dtype."""
+    base = torch.nn.functional.linear(x, w, b)
+    t = torch.nn.functional.linear(x.to(a.dtype), a)
+    lora = torch.nn.functional.linear(t, bb) * s
+    return (base + lora.to(x.dtype)), t.float()
+
+
+def _check(M, K, N, r, dtype, adapter_dtype, with_bias, s=0.5, misalign=False):
+    gen = torch.Generator(device="cuda").manual_seed(1000 * M + 7 * K + N + r)
+    x, w, b, a, bb = _inputs(M, K, N, r, dtype, adapter_dtype, with_bias, gen)
+    if misalign:  # same values, data pointers off 16-byte alignment (still contiguous)
+        def shift(t):
+            buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+            v = buf[1:].view(t.shape)
+            v.copy_(t)
+            return v
+        x, w, a, bb = shift(x), shift(w), shift(a), shift(bb)
+        assert x.data_ptr() % 16 != 0
+    y_ref, t_ref = _reference(x, w, b, a, bb, s)
+    y_t, t_t = _torch_same_dtype(x, w, b, a, bb, s)
+    _poison_allocator(4 * (M * N + M * r) * 4)
+    y, t = torch.ops.peftkern_cuda.lora_decode(x, w, b, a, bb, s)
+    torch.cuda.synchronize()
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert t.shape == (M, r) and t.dtype == torch.float32
+    assert torch.isfinite(y).all() and torch.isfinite(t).all()
+    scale = 1.0 + y_ref.abs().max().item()
+    err = (y.double() - y_ref).abs().max().item()
+    err_t = (y_t.double() - y_ref).abs().max().item()
+    assert err <= 2 * err_t + 1e-5 * scale, (err, err_t)
+    tscale = 1.0 + t_ref.abs().max().item()
+    errt = (t.double() - t_ref).abs().max().item()
+    errt_t = (t_t.double() - t_ref).abs().max().item()
+    assert errt <= 2 * errt_t + 1e-5 * tscale, (errt, errt_t)
+
+
+@gpu
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("adapter", ["fp32", "same"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("r", [1, 8, 16, 64])
+@pytest.mark.parametrize("N", [72, 4096])
+@pytest.mark.parametrize("K", [100, 4096])
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_lora_decode_matches_fp64(built, M, K, N, r, dtype, adapter, with_bias):
+    adapter_dtype = torch.float32 if adapter == "fp32" else dtype
+    _check(M, K, N, r, dtype, adapter_dtype, with_bias)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    ("M", "K", "N", "r", "misalign"),
+    [
+        (3, 37, 50, 5, False),  # odd `in`: scalar tails, rows not 16-byte aligned
+        (2, 1001, 33, 3, True),  # misaligned base pointers
+        (16, 8, 5, 128, False),  # r at its maximum
+        (16, 14336, 300, 16, False),  # x tiled along `in` (does not fit shared memory at once)
+        (7, 4096, 14336, 32, False),  # several row rounds per block
+        (1, 1, 1, 1, False),
+    ],
+)
+def test_lora_decode_awkward_shapes(built, M, K, N, r, misalign, dtype):
+    for adapter_dtype in {torch.float32, dtype}:
+        _check(M, K, N, r, dtype, adapter_dtype, True, s=2.0, misalign=misalign)
+
+
+@gpu
+def test_lora_decode_empty_and_stream(built):
+    dev = "cuda"
+    w = torch.randn(16, 32, device=dev)
+    a = torch.randn(4, 32, device=dev)
+    bb = torch.randn(16, 4, device=dev)
+    y, t = torch.ops.peftkern_cuda.lora_decode(torch.randn(0, 32, device=dev), w, None, a, bb, 1.0)
+    assert y.shape == (0, 16) and t.shape == (0, 4)
+    x = torch.randn(4, 32, device=dev)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        y1, t1 = torch.ops.peftkern_cuda.lora_decode(x, w, None, a, bb, 1.0)
+    s.synchronize()
+    y0, t0 = _reference(x, w, None, a, bb, 1.0)
+    torch.testing.assert_close(y1.double(), y0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(t1.double(), t0, rtol=1e-4, atol=1e-4)
+
+
+@gpu
+def test_lora_decode_rejects_bad_args(built):
+    dev = "cuda"
+    x = torch.randn(17, 32, device=dev)
+    w = torch.randn(16, 32, device=dev)
+    a = torch.randn(4, 32, device=dev)
+    bb = torch.randn(16, 4, device=dev)
+    op = torch.ops.peftkern_cuda.lora_decode
+    with pytest.raises(RuntimeError, match="M <= 16"):
+        op(x, w, None, a, bb, 1.0)
+    with pytest.raises(RuntimeError, match="lora_B must have shape"):
+        op(x[:4], w, None, a, bb.T.contiguous(), 1.0)
+    with pytest.raises(RuntimeError, match="r=129"):
+        op(x[:4], w, None, torch.randn(129, 32, device=dev), torch.randn(16, 129, device=dev), 1.0)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        op(torch.randn(32, 4, device=dev).T, w, None, a, bb, 1.0)
+    with pytest.raises(RuntimeError, match="lora_A is on cpu"):
+        op(x[:4], w, None, a.cpu(), bb, 1.0)
+
+
+@gpu
+def test_lora_decode_opcheck(built):
+    dev = "cuda"
+    args = (torch.randn(3, 64, device=dev, dtype=torch.bfloat16), torch.randn(48, 64, device=dev,
+            dtype=torch.bfloat16), torch.randn(48, device=dev, dtype=torch.bfloat16),
+            torch.randn(8, 64, device=dev), torch.randn(48, 8, device=dev), 0.25)
+    torch.library.opcheck(torch.ops.peftkern_cuda.lora_decode.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
