@@ -50,7 +50,7 @@ def main():
     for k in (tri._gemm_lora_kernel, tri._shrink_kernel, tri._tn_kernel):
         cache = getattr(k, "cache", {})
         for key, cfg in cache.items():
-            print(f"{k.fn.__name__}: {key[:4]} -> {cfg}")
+            print(f"{getattr(k.fn, '__name__', k.fn.fn.__name__)}: {key[:4]} -> {cfg}")
 
 
 if __name__ == "__main__":

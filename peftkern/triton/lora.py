@@ -86,7 +86,17 @@ def _gemm_lora_kernel(
     x_ptrs = X + rm[:, None] * sxm + offs_k[None, :] * sxk
     w_ptrs = W + rn[None, :] * swn + offs_k[:, None] * swk
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Prologue: the rank-r LoRA term (+ mask, + bias) initialises the accumulator, so the main
+    # loop accumulates onto it and no second BLOCK_M x BLOCK_N fp32 tile stays live (it spilled).
+    offs_r = tl.arange(0, BLOCK_R)
+    t = tl.load(T + rm[:, None] * stm + offs_r[None, :] * str_, mask=offs_r[None, :] < R, other=0.0)
+    u = tl.load(U + rn[None, :] * sun + offs_r[:, None] * sur, mask=offs_r[:, None] < R, other=0.0)
+    acc = tl.dot(t.to(tl.float32) * scaling, u.to(tl.float32), input_precision=PREC_LORA)
+    if HAS_DROPOUT:
+        acc = tl.where(_keep(seed, offs_m, pid_n * BLOCK_N, N, p, BLOCK_N), acc, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn).to(tl.float32)[None, :]
+
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             x = tl.load(x_ptrs)
@@ -101,17 +111,6 @@ def _gemm_lora_kernel(
         acc = tl.dot(x, w, acc, input_precision=PREC_MAIN)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += BLOCK_K * swk
-
-    # Epilogue: the rank-r LoRA term, from the (M, r) tensor T and the (N, r) factor U.
-    offs_r = tl.arange(0, BLOCK_R)
-    t = tl.load(T + rm[:, None] * stm + offs_r[None, :] * str_, mask=offs_r[None, :] < R, other=0.0)
-    u = tl.load(U + rn[None, :] * sun + offs_r[:, None] * sur, mask=offs_r[:, None] < R, other=0.0)
-    lora = tl.dot(t.to(tl.float32), u.to(tl.float32), input_precision=PREC_LORA) * scaling
-    if HAS_DROPOUT:
-        lora = tl.where(_keep(seed, offs_m, pid_n * BLOCK_N, N, p, BLOCK_N), lora, 0.0)
-    acc += lora
-    if HAS_BIAS:
-        acc += tl.load(BIAS + rn).to(tl.float32)[None, :]
 
     out_ptrs = OUT + offs_m[:, None] * som + offs_n[None, :] * son
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
