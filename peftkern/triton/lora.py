@@ -48,7 +48,9 @@ def _keep(seed, offs_m, n0, row_len, p, BLOCK_N: tl.constexpr):
     otherwise dominates a bandwidth-bound pass. n0 and BLOCK_N must be multiples of 4."""
     quads = (row_len + 3) // 4
     offs_q = n0 // 4 + tl.arange(0, BLOCK_N // 4)
-    counter = offs_m[:, None].to(tl.int64) * quads + offs_q[None, :]
+    # 32-bit counters keep Philox on its 32-bit path (64-bit multiplies are emulated on GPUs);
+    # they wrap only past 2^31 quads (8.6e9 elements), where the mask pattern would repeat.
+    counter = (offs_m[:, None].to(tl.int64) * quads + offs_q[None, :]).to(tl.int32)
     u0, u1, u2, u3 = tl.rand4x(seed, counter)
     u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (offs_m.shape[0], BLOCK_N))
     return u >= p
