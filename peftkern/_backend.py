@@ -99,13 +99,16 @@ def _auto_order(device: torch.device) -> tuple[str, ...]:
     return ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
 
 
-def dispatch(op: str, device: torch.device, impls: dict[str, Callable[[], str | None]]) -> str:
+def dispatch(op: str, device: torch.device, impls: dict[str, Callable[[], str | None]],
+             requested: str | None = None) -> str:
     """Pick the backend for one call of `op`.
 
     `impls` maps backend name -> a function returning None if that backend can take this call,
-    else the reason it cannot. Returns the chosen name.
+    else the reason it cannot. `requested` overrides the context/env choice (backward ops pass the
+    forward's: autograd runs CUDA backward on its own thread, where use_backend() is not set).
+    Returns the chosen name.
     """
-    req = requested_backend()
+    req = _check_name(requested) if requested else requested_backend()
     order = _auto_order(device) if req == "auto" else (req, *[b for b in _auto_order(device) if b != req])
     if "torch" not in order:
         order = (*order, "torch")

@@ -1,4 +1,4 @@
-"""The `peftkern` command: bench, info, build."""
+"""The `peftkern` command: bench, report, info, build."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-OPS = ("lora",)
+OPS = ("lora", "ia3", "prefix")
 
 
 def _bench(args) -> int:
@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     bl.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
     bl.add_argument("--verbose", action="store_true")
     bl.set_defaults(fn=_build)
+    from . import report
+
+    report.add_parser(sub)
     args = ap.parse_args(argv)
     if args.cmd == "bench":
         bad = [o for o in args.ops if o not in (*OPS, "all")]

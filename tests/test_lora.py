@@ -239,7 +239,7 @@ def test_opcheck(backend, p):
         dy = torch.randn(3, 5, 20, device=DEVICE)
         t = torch.randn(15, 4, device=DEVICE)
         torch.library.opcheck(torch.ops.peftkern.lora_linear_backward.default,
-                              (dy, x.detach(), w, a.detach(), bb.detach(), t, 0.5, p, seed, True))
+                              (dy, x.detach(), w, a.detach(), bb.detach(), t, 0.5, p, seed, True, backend))
 
 
 def test_compile_fullgraph():

@@ -1,5 +1,7 @@
 """The peftkern ops (torch.library, namespace ``peftkern``), with their public Python wrappers."""
 
+from .ia3 import ia3_linear
 from .lora import lora_linear
+from .prefix import prefix_attention
 
-__all__ = ["lora_linear"]
+__all__ = ["ia3_linear", "lora_linear", "prefix_attention"]

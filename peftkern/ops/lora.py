@@ -71,13 +71,14 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 @torch.library.custom_op("peftkern::lora_linear_backward", mutates_args=())
 def lora_linear_backward_op(
     dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor,
-    scaling: float, dropout_p: float, seed: Tensor | None, need_dx: bool,
+    scaling: float, dropout_p: float, seed: Tensor | None, need_dx: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dA, dB); dx is an empty (0,) tensor when need_dx is False."""
+    """Returns (dx, dA, dB); dx is an empty (0,) tensor when need_dx is False. `backend` is the one
+    requested around the forward (use_backend does not reach autograd's CUDA thread)."""
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])
     s = int(seed.item()) if seed is not None else 0
-    backend = _backend.dispatch("lora_linear_backward", x.device, _bwd_backends())
+    backend = _backend.dispatch("lora_linear_backward", x.device, _bwd_backends(), requested=backend)
     impl = _triton().lora_linear_bwd if backend == "triton" else ref.lora_linear_bwd
     dx, d_a, d_b = impl(dy2d, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, s, need_dx)
     dx = dx.reshape(x.shape) if need_dx else x.new_empty((0,))
@@ -85,7 +86,7 @@ def lora_linear_backward_op(
 
 
 @lora_linear_backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_dx):
+def _(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_dx, backend):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
@@ -97,6 +98,7 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
     ctx.has_bias = bias is not None
+    ctx.backend = _backend.requested_backend()
 
 
 def _backward(ctx, dy, _dt):
@@ -104,7 +106,7 @@ def _backward(ctx, dy, _dt):
     need_dx, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
     dy = dy.contiguous()
     dx, d_a, d_b = torch.ops.peftkern.lora_linear_backward(
-        dy, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, seed, need_dx
+        dy, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, seed, need_dx, ctx.backend
     )
     dy2d = dy.reshape(-1, dy.shape[-1])
     # A trainable base is the slow path: plain torch ops, visible to the compiler.

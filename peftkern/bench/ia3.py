@@ -1,0 +1,143 @@
+"""IA3 linear microbenchmark: peftkern beside peft's IA3 layer, torch.compile of it, and the frozen
+base linear (the floor), on the same inputs in one process; both modes (k/v output scale and
+feed-forward input scale)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _backend
+from .._memory import saved_bytes
+from ..ops.ia3 import ia3_linear
+
+
+@dataclass
+class Case:
+    name: str
+    m: int
+    d_in: int
+    d_out: int
+    feedforward: bool
+
+
+def _pair(m, d_in, d_out):
+    return [Case("kv", m, d_in, d_out, False), Case("ff", m, d_in, d_out, True)]
+
+
+PRESETS = {"llama-7b": _pair(8192, 4096, 4096), "llama-1b": _pair(8192, 2048, 2048), "tiny": _pair(512, 512, 512)}
+QUICK = {"tiny": _pair(256, 256, 256)}
+
+
+class _Net(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.k_proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.k_proj(x)
+
+
+def _peft_layer(case: Case, dtype, device):
+    import peft
+
+    net = _Net(case.d_in, case.d_out).to(device=device, dtype=dtype)
+    cfg = peft.IA3Config(target_modules=["k_proj"], feedforward_modules=["k_proj"] if case.feedforward else [])
+    layer = peft.get_peft_model(net, cfg).base_model.model.k_proj
+    with torch.no_grad():  # peft starts l at ones; a benchmark wants a live adapter
+        layer.ia3_l["default"].uniform_(0.5, 1.5)
+    return layer.train()
+
+
+def providers(case: Case, dtype, device, compile_baseline: bool) -> dict[str, Callable | str]:
+    """name -> forward closure over shared inputs, or a string saying why it is skipped."""
+    layer = _peft_layer(case, dtype, device)
+    w, b = layer.base_layer.weight, layer.base_layer.bias
+    lv = layer.ia3_l["default"]  # fp32, peft's (out, 1) / (1, in) layout
+    ff = case.feedforward
+    out: dict[str, Callable | str] = {"base": lambda x: F.linear(x, w, b), "peft": lambda x: layer(x)}
+    if compile_baseline:
+        compiled = torch.compile(layer)
+        out["peft+compile"] = lambda x: compiled(x)
+    else:
+        out["peft+compile"] = "skipped on CPU (slow to compile; pass --compile)"
+    for name in _backend.BACKENDS:
+        why = _backend_why_not(name, device)
+        out[f"peftkern-{name}"] = why or _bound(name, lambda x: ia3_linear(x, w, b, lv, ff))
+    out["_params"] = [w, b, lv]  # type: ignore[assignment]
+    return out
+
+
+def _bound(backend: str, fn):
+    def run(x):
+        with _backend.use_backend(backend):
+            return fn(x)
+
+    return run
+
+
+def _backend_why_not(name: str, device) -> str | None:
+    if name == "triton":
+        return _backend.triton_unavailable(device)
+    if name == "cuda":
+        return _backend.cuda_unavailable(device, build_if_missing=True)
+    return None
+
+
+def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, compile_baseline: bool):
+    cases = (QUICK.get(preset) if quick else None) or PRESETS[preset]
+    rows = []
+    for case in cases:
+        x = torch.randn(case.m, case.d_in, device=device, dtype=dtype)
+        provs = providers(case, dtype, device, compile_baseline)
+        params = provs.pop("_params")
+        for name, fn in provs.items():
+            row = dict(op="ia3", case=case.name, provider=name, m=case.m, d_in=case.d_in, d_out=case.d_out,
+                       feedforward=case.feedforward, dtype=str(dtype).split(".")[-1])
+            if isinstance(fn, str):
+                rows.append(row | {"skipped": fn})
+                continue
+            progress(f"ia3 {case.name} {name}")
+            try:
+                row |= _measure(fn, x, case, params, device, quick, timeit, peak_bytes)
+            except Exception as e:  # a failing provider is reported, not hidden
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+    return rows
+
+
+def _measure(fn, x0, case, params, device, quick, timeit, peak_bytes):
+    res = {}
+    x = x0.detach().requires_grad_(True)
+    y = fn(x)
+    gy = torch.randn_like(y)
+    res["y_checksum"] = y.float().abs().mean().item()  # same inputs: providers must agree closely
+    del y
+    grads = [x, *[t for t in params if t is not None and t.requires_grad]]
+
+    def clear():
+        for t in grads:
+            t.grad = None
+
+    def full():
+        fn(x).backward(gy)
+
+    res["fwd"] = timeit(lambda: fn(x), device, quick)
+    y = fn(x)
+    res["bwd"] = timeit(lambda y=y: (clear(), y.backward(gy, retain_graph=True)), device, quick)
+    del y
+    res["full"] = timeit(lambda: (clear(), full()), device, quick)
+    clear()
+    res["saved_bytes"] = saved_bytes(lambda: fn(x), [p for p in params if p is not None])
+    res["peak_bytes"] = peak_bytes(lambda: (clear(), full()), device)
+    clear()
+    res["flops_fwd"] = 2 * case.m * case.d_in * case.d_out
+    res["bytes_fwd_min"] = (case.m * (case.d_in + case.d_out) + case.d_in * case.d_out) * x0.element_size()
+    return res
+
+
+BASELINES = ("peft", "peft+compile", "base")

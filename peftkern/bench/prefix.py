@@ -1,0 +1,159 @@
+"""Prefix-tuning attention microbenchmark, one process, same inputs for every provider:
+
+  peft-sdpa          what peft + transformers compute: expand the prefix over the batch, cat it
+                     before K/V (the cache update), repeat_kv for GQA, SDPA with the boolean 4-D mask
+                     (B, 1, L, P + S) transformers builds (built once outside the timing, as per step)
+  peft-sdpa+compile  torch.compile of the same function
+  sdpa-floor         SDPA over K/V already concatenated outside the timing (no copy, no mask
+                     tensor), is_causal=True: PyTorch aligns that mask top-left (query i sees keys
+                     0..i of the P + S), so it is a cost floor of the same length, not the same math
+  peftkern-*         prefix_attention with a shared (Hkv, P, D) prefix read in place
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from .._memory import saved_bytes
+from ..ops.prefix import prefix_attention
+from ..reference.prefix import full_mask
+
+
+@dataclass
+class Case:
+    name: str
+    B: int
+    H: int
+    Hkv: int
+    L: int
+    S: int
+    P: int
+    D: int
+    causal: bool = True
+
+
+PRESETS = {
+    # Llama-2-7B: 32 heads of 128, no GQA. Memory (bf16): q/k/v/out 128 MiB each, the 4-D bool mask
+    # 33 MiB, peft's concatenated K/V 132 MiB each (+ their repeats under GQA).
+    "llama-7b": [Case("train", 8, 32, 32, 2048, 2048, 64, 128)],
+    "llama-1b": [Case("train", 8, 32, 8, 2048, 2048, 64, 64)],  # Llama-3.2-1B: GQA 32/8, D=64
+    "tiny": [Case("train", 2, 4, 2, 128, 128, 16, 32)],
+}
+QUICK = {"tiny": [Case("train", 1, 2, 2, 64, 64, 8, 32)]}
+
+
+def _peft_sdpa(q, k, v, pk, pv, mask4):
+    B, groups = q.shape[0], q.shape[1] // k.shape[1]
+    keys = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
+    vals = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+    if groups > 1:  # transformers' repeat_kv
+        keys, vals = keys.repeat_interleave(groups, 1), vals.repeat_interleave(groups, 1)
+    return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask4)
+
+
+def _bound(backend, fn):
+    def run(*a):
+        with _backend.use_backend(backend):
+            return fn(*a)
+
+    return run
+
+
+def _backend_why_not(name: str, device) -> str | None:
+    if name == "triton":
+        return _backend.triton_unavailable(device)
+    if name == "cuda":
+        if device.type != "cuda":
+            return "needs a CUDA device"
+        return _backend.cuda_unavailable(device, build_if_missing=True)
+    return None
+
+
+def providers(case: Case, dtype, device, compile_baseline: bool) -> dict:
+    """name -> (forward fn, its leaf inputs) or a string saying why it is skipped."""
+    rnd = lambda *s: torch.randn(*s, device=device, dtype=dtype).requires_grad_(True)
+    q, k, v = rnd(case.B, case.H, case.L, case.D), rnd(case.B, case.Hkv, case.S, case.D), rnd(
+        case.B, case.Hkv, case.S, case.D)
+    pk, pv = rnd(case.Hkv, case.P, case.D), rnd(case.Hkv, case.P, case.D)
+    mask4 = full_mask(case.L, case.S, case.P, case.causal, None, case.B, device)
+    mask4 = mask4.expand(case.B, 1, case.L, case.P + case.S).contiguous()
+    ins = [q, k, v, pk, pv]
+    peft = lambda q, k, v, pk, pv: _peft_sdpa(q, k, v, pk, pv, mask4)
+    out: dict = {"peft-sdpa": (peft, ins)}
+    if compile_baseline:
+        out["peft-sdpa+compile"] = (torch.compile(peft), ins)
+    else:
+        out["peft-sdpa+compile"] = "skipped on CPU (slow to compile; pass --compile)"
+    with torch.no_grad():
+        kc = torch.cat([pk.expand(case.B, -1, -1, -1), k], 2).requires_grad_(True)
+        vc = torch.cat([pv.expand(case.B, -1, -1, -1), v], 2).requires_grad_(True)
+    gqa = case.Hkv != case.H
+    out["sdpa-floor"] = (lambda q, kc, vc: F.scaled_dot_product_attention(q, kc, vc, is_causal=case.causal,
+                                                                         enable_gqa=gqa), [q, kc, vc])
+    ours = lambda q, k, v, pk, pv: prefix_attention(q, k, v, pk, pv, causal=case.causal)
+    for name in _backend.BACKENDS:
+        why = _backend_why_not(name, device)
+        out[f"peftkern-{name}"] = why if why else (_bound(name, ours), ins)
+    return out
+
+
+def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, compile_baseline: bool):
+    cases = (QUICK.get(preset) if quick else None) or PRESETS[preset]
+    rows = []
+    for case in cases:
+        for name, prov in providers(case, dtype, device, compile_baseline).items():
+            row = dict(op="prefix", case=case.name, provider=name, B=case.B, H=case.H, Hkv=case.Hkv, L=case.L,
+                       S=case.S, P=case.P, D=case.D, causal=case.causal, dtype=str(dtype).split(".")[-1])
+            if name == "sdpa-floor":
+                row["note"] = "is_causal top-left over pre-concatenated P+S keys: cost floor, not the prefix mask"
+            if name == "peftkern-cuda":
+                row["note"] = "forward on triton (no CUDA forward); backward sums the prefix grad with CUDA C++"
+            if isinstance(prov, str):
+                rows.append(row | {"skipped": prov})
+                continue
+            progress(f"prefix {case.name} {name}")
+            try:
+                row |= _measure(*prov, case, device, quick, timeit, peak_bytes)
+            except Exception as e:  # a failing provider is reported, not hidden
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+    return rows
+
+
+def _visible_pairs(case: Case) -> int:
+    """(query, key) pairs attended: every prefix key, plus the causal / full sequence keys."""
+    if not case.causal:
+        return case.L * (case.P + case.S)
+    shift = case.S - case.L
+    return case.L * case.P + sum(min(case.S, max(0, i + shift + 1)) for i in range(case.L))
+
+
+def _measure(fn, ins, case, device, quick, timeit, peak_bytes):
+    res = {}
+    y = fn(*ins)
+    gy = torch.randn_like(y)
+    res["y_checksum"] = y.float().abs().mean().item()  # same inputs: providers (floor aside) agree closely
+    del y
+
+    def clear():
+        for t in ins:
+            t.grad = None
+
+    res["fwd"] = timeit(lambda: fn(*ins), device, quick)
+    y = fn(*ins)
+    res["bwd"] = timeit(lambda y=y: (clear(), y.backward(gy, retain_graph=True)), device, quick)
+    del y
+    res["full"] = timeit(lambda: (clear(), fn(*ins).backward(gy)), device, quick)
+    clear()
+    res["saved_bytes"] = saved_bytes(lambda: fn(*ins), ins)
+    res["peak_bytes"] = peak_bytes(lambda: (clear(), fn(*ins).backward(gy)), device)
+    clear()
+    res["flops_fwd"] = 4 * case.B * case.H * case.D * _visible_pairs(case)
+    return res
+
+
+BASELINES = ("peft-sdpa", "peft-sdpa+compile", "sdpa-floor")

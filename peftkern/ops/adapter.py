@@ -1,0 +1,194 @@
+"""peftkern::bottleneck_adapter — y = res + s · (act(x W_dᵀ + b_d) W_uᵀ + b_u) as a torch.library op.
+
+res is `residual` when given (parallel adapters: x is the sublayer input, residual its output), else
+x itself (serial Houlsby / Pfeiffer adapters). The op returns (y, z) with z = x W_dᵀ + b_d, (M, r) in
+the compute dtype, so autograd can save it: backward then needs x, z and the weights — never the
+activation output, nor a copy of the residual. Backward is an op too
+(peftkern::bottleneck_adapter_backward); the residual's gradient is dy itself.
+
+Dtypes: x and residual share one of fp32/fp16/bf16. The four adapter tensors share one dtype, either
+x's or fp32 (fp32 adapters on a half x compute in fp32, as peft does). The result has x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _validate
+from ..reference import adapter as ref
+
+ACTIVATIONS = ref.ACTIVATIONS
+CUDA_MAX_R = 128
+
+
+def _triton():
+    from ..triton import adapter as tri  # imported lazily: no Triton work at `import peftkern`
+
+    return tri
+
+
+def _fwd_backends(x, down_weight):
+    def cuda_ok():
+        if x.dtype == torch.float32 or down_weight.dtype != x.dtype:
+            return "the cuda adapter kernel takes fp16/bf16 x with adapters of x's dtype"
+        if down_weight.shape[0] > CUDA_MAX_R:
+            return f"the cuda adapter kernel takes r <= {CUDA_MAX_R}, got {down_weight.shape[0]}"
+        return None  # it also returns z, so a backward (on triton) still works
+
+    return {"torch": lambda: None, "triton": lambda: None, "cuda": cuda_ok}
+
+
+def _bwd_backends():
+    return {"torch": lambda: None, "triton": lambda: None}
+
+
+@torch.library.custom_op("peftkern::bottleneck_adapter", mutates_args=())
+def bottleneck_adapter_op(
+    x: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor, up_bias: Tensor | None,
+    residual: Tensor | None, activation: str, scaling: float,
+) -> tuple[Tensor, Tensor]:
+    d = x.shape[-1]
+    x2d = x.reshape(-1, d)
+    res2d = None if residual is None else residual.reshape(-1, d)
+    cdt = ref.compute_dtype(x.dtype, down_weight.dtype)
+    backend = _backend.dispatch("bottleneck_adapter", x.device, _fwd_backends(x, down_weight))
+    if backend == "cuda":
+        c = lambda t: None if t is None else t.contiguous()
+        y, z = torch.ops.peftkern_cuda.bottleneck_adapter(
+            x2d.contiguous(), down_weight.contiguous(), c(down_bias), up_weight.contiguous(), c(up_bias), c(res2d),
+            activation, scaling)
+    elif backend == "triton":
+        y, z = _triton().bottleneck_adapter_fwd(x2d, down_weight, down_bias, up_weight, up_bias, res2d, activation,
+                                                scaling, cdt)
+    else:
+        y, z = ref.bottleneck_adapter_fwd(x2d, down_weight, down_bias, up_weight, up_bias, res2d, activation, scaling)
+    return y.reshape(x.shape), z
+
+
+@bottleneck_adapter_op.register_fake
+def _(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling):
+    m = x.shape[:-1].numel()
+    cdt = ref.compute_dtype(x.dtype, down_weight.dtype)
+    return x.new_empty(x.shape), x.new_empty((m, down_weight.shape[0]), dtype=cdt)
+
+
+@torch.library.custom_op("peftkern::bottleneck_adapter_backward", mutates_args=())
+def bottleneck_adapter_backward_op(
+    dy: Tensor, x: Tensor, z: Tensor, down_weight: Tensor, up_weight: Tensor, activation: str, scaling: float,
+    has_residual: bool, need_dx: bool, need_params: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, d_down_w, d_down_b, d_up_w, d_up_b). dx includes dy when has_residual is False (x was
+    the residual). A gradient not asked for (need_dx / need_params False) is an empty (0,) tensor."""
+    d = x.shape[-1]
+    x2d = x.reshape(-1, d)
+    dy2d = dy.reshape(-1, d)
+    backend = _backend.dispatch("bottleneck_adapter_backward", x.device, _bwd_backends())
+    if backend == "triton":
+        cdt = ref.compute_dtype(x.dtype, down_weight.dtype)
+        out = _triton().bottleneck_adapter_bwd(dy2d, x2d, z, down_weight, up_weight, activation, scaling,
+                                               has_residual, need_dx, need_params, cdt)
+    else:
+        out = ref.bottleneck_adapter_bwd(dy2d, x2d, z, down_weight, up_weight, activation, scaling, has_residual,
+                                         need_dx, need_params)
+    dx, *params = out
+    dx = dx.reshape(x.shape) if need_dx else x.new_empty((0,))
+    params = [p if need_params else down_weight.new_empty((0,)) for p in params]
+    return (dx, *params)
+
+
+@bottleneck_adapter_backward_op.register_fake
+def _(dy, x, z, down_weight, up_weight, activation, scaling, has_residual, need_dx, need_params):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    r, d = down_weight.shape
+    if not need_params:
+        e = down_weight.new_empty((0,))
+        return dx, e, e.clone(), e.clone(), e.clone()
+    return (dx, down_weight.new_empty((r, d)), down_weight.new_empty((r,)), up_weight.new_empty((d, r)),
+            up_weight.new_empty((d,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling = inputs
+    _, z = output
+    ctx.save_for_backward(x, z, down_weight, up_weight)
+    ctx.activation = activation
+    ctx.scaling = scaling
+    ctx.has_residual = residual is not None
+    ctx.has_bias = (down_bias is not None, up_bias is not None)
+
+
+def _backward(ctx, dy, _dz):
+    x, z, down_weight, up_weight = ctx.saved_tensors
+    need_x, need_dw, need_db, need_uw, need_ub, need_res = ctx.needs_input_grad[:6]
+    need_params = need_dw or need_db or need_uw or need_ub
+    d_res = dy if (ctx.has_residual and need_res) else None
+    if not (need_x or need_params):
+        return None, None, None, None, None, d_res, None, None
+    dx, d_dw, d_db, d_uw, d_ub = torch.ops.peftkern.bottleneck_adapter_backward(
+        dy.contiguous(), x, z, down_weight, up_weight, ctx.activation, ctx.scaling, ctx.has_residual, need_x,
+        need_params)
+    pick = lambda need, g, has=True: g if (need and has) else None
+    return (pick(need_x, dx), pick(need_dw, d_dw), pick(need_db, d_db, ctx.has_bias[0]), pick(need_uw, d_uw),
+            pick(need_ub, d_ub, ctx.has_bias[1]), d_res, None, None)
+
+
+bottleneck_adapter_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling) -> None:
+    _validate.tensor("x", x, min_ndim=1)
+    _validate.tensor("down_weight", down_weight, ndim=2)
+    _validate.tensor("up_weight", up_weight, ndim=2)
+    if down_bias is not None:
+        _validate.tensor("down_bias", down_bias, ndim=1)
+    if up_bias is not None:
+        _validate.tensor("up_bias", up_bias, ndim=1)
+    if residual is not None:
+        _validate.tensor("residual", residual)
+    _validate.number("scaling", scaling)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _validate.same_device(x=x, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight, up_bias=up_bias,
+                          residual=residual)
+    d = x.shape[-1]
+    r = down_weight.shape[0]
+    if r < 1:
+        raise ValueError(f"down_weight has shape {tuple(down_weight.shape)}: the bottleneck r must be >= 1")
+    if down_weight.shape[1] != d:
+        raise ValueError(f"down_weight has shape {tuple(down_weight.shape)}, expected (r, {d}) for x with d={d}")
+    if tuple(up_weight.shape) != (d, r):
+        raise ValueError(f"up_weight has shape {tuple(up_weight.shape)}, expected ({d}, {r}) (d, r)")
+    if down_bias is not None and tuple(down_bias.shape) != (r,):
+        raise ValueError(f"down_bias has shape {tuple(down_bias.shape)}, expected ({r},)")
+    if up_bias is not None and tuple(up_bias.shape) != (d,):
+        raise ValueError(f"up_bias has shape {tuple(up_bias.shape)}, expected ({d},)")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual is {residual.dtype} but x is {x.dtype}: they must share a dtype")
+    pdt = down_weight.dtype
+    for name, t in (("up_weight", up_weight), ("down_bias", down_bias), ("up_bias", up_bias)):
+        if t is not None and t.dtype != pdt:
+            raise TypeError(f"{name} is {t.dtype} but down_weight is {pdt}: the adapter tensors share one dtype")
+    if pdt not in (x.dtype, torch.float32):
+        raise TypeError(f"adapter tensors are {pdt} but x is {x.dtype}: use x's dtype or float32 for the adapter")
+
+
+def bottleneck_adapter(x: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
+                       up_bias: Tensor | None, residual: Tensor | None = None, activation: str = "relu",
+                       scaling: float = 1.0) -> Tensor:
+    """Fused bottleneck adapter: ``(x if residual is None else residual) + scaling * (act(x @ down_weight.T +
+    down_bias) @ up_weight.T + up_bias)``.
+
+    x: (..., d); down_weight: (r, d); down_bias: (r,) or None; up_weight: (d, r); up_bias: (d,) or None;
+    residual: like x, or None (then x is the residual). activation: "relu", "gelu" (exact erf), "gelu_tanh"
+    or "silu". x / residual are fp32, fp16 or bf16; the adapter tensors share x's dtype or are fp32 (then
+    the adapter computes in fp32). The result has x's dtype. Gradients flow to x, residual and all four
+    adapter tensors; backward saves x and z = x W_dᵀ + b_d only.
+    """
+    _check(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling)
+    y, _ = torch.ops.peftkern.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, residual,
+                                                 activation, float(scaling))
+    return y

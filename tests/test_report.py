@@ -1,0 +1,206 @@
+"""`peftkern report`: counts equal peft's own, the memory trace equals a real step, the CLI outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+import pytest
+import torch
+
+from peftkern import report as R
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def _peft_count(config, peft_config) -> int:
+    """peft's own count, on a model built here straight from transformers (not the report's builder)."""
+    kind = R.model_kind(config)
+    auto = {"encoder": transformers.AutoModel, "causal": transformers.AutoModelForCausalLM,
+            "seq2seq": transformers.AutoModelForSeq2SeqLM}[kind]
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = auto.from_config(config)
+        return peft.get_peft_model(model, peft_config).get_nb_trainable_parameters()[0]
+
+
+def _count(config, method) -> int:
+    return R.method_row(config, method, 1, 8, "float32", memory=False)["trainable"]
+
+
+def test_lora_roberta_base_is_the_lora_paper_count():
+    cfg = R.load_config("roberta-base")
+    assert _count(cfg, "lora") == 294_912  # 12 layers x {query, value} x 8 x (768 + 768)
+    assert _count(cfg, "prefix") == 20 * 12 * 2 * 768
+    assert _count(cfg, "prompt") == 20 * 768
+
+
+def test_lora_llama_7b_count():
+    assert _count(R.load_config("llama-7b"), "lora") == 32 * 2 * 8 * (4096 + 4096)  # 4,194,304
+
+
+@pytest.mark.parametrize("preset", ["roberta-base", "t5-base", "llama-7b"])
+def test_counts_equal_peft(preset):
+    cfg = R.load_config(preset)
+    task = {"encoder": "FEATURE_EXTRACTION", "causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}[R.model_kind(cfg)]
+    targets = {"roberta": ["query", "value"], "t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}[cfg.model_type]
+    expected = {
+        "lora": peft.LoraConfig(r=8, target_modules=targets, task_type=task),
+        "ia3": peft.IA3Config(task_type=task),
+        "prefix": peft.PrefixTuningConfig(num_virtual_tokens=20, task_type=task),
+        "prompt": peft.PromptTuningConfig(num_virtual_tokens=20, task_type=task),
+    }
+    for method, pc in expected.items():
+        assert _count(cfg, method) == _peft_count(cfg, pc), (preset, method)
+
+
+@pytest.mark.parametrize("preset", ["roberta-base", "t5-base", "llama-7b"])
+def test_meta_counts_equal_a_real_tiny_model(preset):
+    """Counting on meta (the report's way) gives what a real model with weights gives."""
+    cfg = R.scaled_down(R.load_config(preset))
+    for method in R.METHOD_KEYS:
+        meta = _count(cfg, method)
+        model, _ = R.apply_method(R.build_model(cfg, torch.float32, device="cpu", attn="sdpa"), cfg, method,
+                                  R.Settings())
+        assert R.trainable_parameters(model) == meta, (preset, method)
+        assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", ["roberta-base", "t5-base"])
+def test_adapter_counts_are_the_bottleneck_formula(preset):
+    cfg = R.load_config(preset)
+    d, r, blocks = cfg.hidden_size, 64, R.n_blocks(cfg)
+    for method, sites in (("houlsby", 2), ("pfeiffer", 1), ("parallel", 1)):
+        assert _count(cfg, method) == blocks * sites * (2 * d * r + r + d), method
+
+
+def test_full_and_bitfit():
+    cfg = R.load_config("roberta-base")
+    base = sum(p.numel() for p in R.build_model(cfg).parameters())
+    assert _count(cfg, "full") == base == 124_645_632
+    biases = sum(p.numel() for n, p in R.build_model(cfg).named_parameters() if n.endswith(".bias"))
+    assert _count(cfg, "bitfit") == biases > 0
+    row = R.method_row(R.load_config("llama-7b"), "bitfit", 1, 8, "float32", memory=False)
+    assert row["trainable"] == 0 and "has none" in row["setting"]
+
+
+# A real training step on CPU saves exactly what the meta trace (target cpu) says.
+@pytest.mark.parametrize("preset,methods", [
+    ("roberta-base", ("full", "lora", "houlsby", "ia3", "prefix", "bitfit")),
+    ("llama-7b", ("lora", "parallel", "prefix")),
+    ("t5-base", ("lora", "pfeiffer", "prompt")),
+])
+def test_estimate_equals_measured_on_cpu(preset, methods):
+    cfg = R.scaled_down(R.load_config(preset), hidden=64, heads=2, ffn=128, vocab=256)
+    settings = R.Settings()
+    for method in methods:
+        est = R.method_row(cfg, method, 2, 12, torch.float32, settings, target="cpu")["memory"]
+        got = R.measure_step(cfg, method, 2, 12, torch.float32, "cpu", settings)
+        assert est["activations"] == got["activations"] > 0, (preset, method)
+        assert est["total"] == got["total"], (preset, method)
+        if R.measurable_with_kernel(method):  # the real op on CPU saves what its fake kernel said
+            got_k = R.measure_step(cfg, method, 2, 12, torch.float32, "cpu", settings, peftkern=True)
+            assert est["activations_peftkern"] == got_k["activations"], (preset, method)
+            assert est["total_peftkern"] == got_k["total"], (preset, method)
+        if method == "lora":
+            assert est["activations_peftkern"] < got["activations"]
+
+
+def test_lora_saving_is_the_documented_formula():
+    """target cuda, bf16 base, fp32 adapters, dropout 0.1: per adapted layer peft keeps a bool mask
+    (M·in) and drop(x) in fp32 (4·M·in); peftkern keeps x once per block (2·M·in, shared by q and v)
+    and an 8-byte seed per call; both keep xAᵀ. Block 0's input needs no grad: no mask there."""
+    cfg = R.scaled_down(R.load_config("roberta-base"))
+    b, s = 2, 16
+    mem = R.method_row(cfg, "lora", b, s, "bfloat16", R.Settings(), target="cuda")["memory"]
+    m, d, layers = b * s, cfg.hidden_size, cfg.num_hidden_layers
+    expected = layers * (2 * (m * d * 1 + m * d * 4) - m * d * 2 - 2 * 8) - 2 * m * d * 1
+    assert mem["activations"] - mem["activations_peftkern"] == expected
+
+
+def test_cuda_target_models_bool_masks_and_flash():
+    cfg = R.scaled_down(R.load_config("roberta-base"))
+    cpu = R.method_row(cfg, "full", 2, 16, "float32", target="cpu")["memory"]["activations"]
+    cuda = R.method_row(cfg, "full", 2, 16, "float32", target="cuda")["memory"]["activations"]
+    assert cuda < cpu  # 1-byte masks and no attention matrices
+
+
+@pytest.mark.parametrize("real_op", [True, False])
+def test_prefix_kernel_keeps_k_v_without_prefix(real_op, monkeypatch):
+    if not real_op:  # the design's stand-in, as when this build lacks the op
+        monkeypatch.setattr(R, "kernel_fn", lambda kernel: None)
+    elif R.kernel_fn("prefix_attention") is None:
+        pytest.skip("this build has no peftkern::prefix_attention op")
+    cfg = R.scaled_down(R.load_config("llama-7b"))
+    b, s, p = 2, 16, 20
+    row = R.method_row(cfg, "prefix", b, s, "bfloat16", target="cuda")
+    assert row["accounting"] == ("op" if real_op else "model")
+    mem = row["memory"]
+    h, dh = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * b * h * dh * 2  # K and V per token, bf16
+    mask = b * s * (p + s) * 2  # SDPA's additive mask per call (the kernel needs none)
+    shared_prefix = 2 * h * p * dh * 2 if real_op else 0  # the op keeps the batch-shared prefix K, V
+    assert mem["activations"] - mem["activations_peftkern"] == cfg.num_hidden_layers * (kv * p + mask - shared_prefix)
+
+
+def test_t5_prefix_is_not_served(monkeypatch):
+    row = R.method_row(R.scaled_down(R.load_config("t5-base")), "prefix", 2, 8, "bfloat16", target="cuda")
+    assert "position bias" in row["note"] and row["memory"]["activations_peftkern"] == row["memory"]["activations"]
+
+
+def test_stand_ins_trace_without_the_ops(monkeypatch):
+    """Without the adapter / IA3 ops the design's saved sets still give a saving, marked '*'."""
+    monkeypatch.setattr(R, "kernel_fn", lambda kernel: None)
+    cfg = R.scaled_down(R.load_config("roberta-base"))
+    for method in ("houlsby", "parallel", "ia3"):
+        row = R.method_row(cfg, method, 2, 16, "bfloat16", target="cuda")
+        assert row["accounting"] == "model"
+        assert 0 < row["memory"]["activations_peftkern"] < row["memory"]["activations"], method
+    rep = {"model": "x", "config": R.config_summary(cfg), "base_params": 1, "batch": 2, "seq": 16,
+           "dtype": "bfloat16", "target": "cuda", "rows": [row]}
+    assert "ia3_linear*" in R.format_table(rep) and "modelled from DESIGN.md" in R.format_table(rep)
+
+
+def test_seq_longer_than_positions_is_a_note():
+    row = R.method_row(R.load_config("roberta-base"), "prompt", 1, 500, "bfloat16")
+    assert row["note"].startswith("n/a") and row["trainable"] == 15_360
+
+
+def test_config_json_path_and_errors(tmp_path):
+    cfg = R.scaled_down(R.load_config("llama-7b"))
+    path = tmp_path / "config.json"
+    path.write_text(cfg.to_json_string())
+    loaded = R.load_config(str(path))
+    assert loaded.model_type == "llama" and loaded.hidden_size == cfg.hidden_size
+    with pytest.raises(ValueError, match="preset"):
+        R.load_config("no-such-model")
+
+
+def _cli(argv):
+    ap = argparse.ArgumentParser(prog="peftkern")
+    R.add_parser(ap.add_subparsers(dest="cmd", required=True))
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+def test_cli_table_json_markdown_measure(tmp_path, capsys):
+    cfg = R.scaled_down(R.load_config("roberta-base"), hidden=64, heads=2, ffn=128, vocab=256)
+    path = tmp_path / "roberta-tiny.json"
+    path.write_text(cfg.to_json_string())
+    out = tmp_path / "report.json"
+    common = ["report", "--model", str(path), "--batch", "2", "--seq", "8", "--methods", "lora", "ia3", "prompt"]
+    assert _cli(common) == 0
+    text = capsys.readouterr().out
+    assert "lora_linear" in text and "ia3_linear" in text and "none needed" in text and "act. peftkern" in text
+    assert _cli([*common, "--markdown", "--json", str(out), "--measure", "--device", "cpu", "--dtype",
+                 "float32", "--target", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "| LoRA |" in text and "--measure" in text and "LoRA (peftkern)" in text
+    rep = json.loads(out.read_text())
+    assert [r["method"] for r in rep["rows"]] == ["lora", "ia3", "prompt"]
+    lora = rep["rows"][0]
+    assert lora["trainable"] == _count(cfg, "lora") and lora["kernel"] == "lora_linear"
+    meas = rep["measure"]["rows"][0]
+    assert meas["measured"]["activations"] == meas["estimate"]["activations"]  # fp32 on cpu: exact
