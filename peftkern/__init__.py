@@ -6,7 +6,11 @@ call, the CUDA extension builds with `peftkern build` or on first use of the cud
 
 from . import nn, ops
 from ._backend import BACKENDS, BackendUnavailable, requested_backend, use_backend
+from .integrations.peft import accelerate, restore
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailable", "__version__", "nn", "ops", "requested_backend", "use_backend"]
+__all__ = [
+    "BACKENDS", "BackendUnavailable", "__version__", "accelerate", "nn", "ops", "requested_backend", "restore",
+    "use_backend",
+]

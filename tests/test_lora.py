@@ -112,6 +112,25 @@ def test_fp32_adapters_on_half_base(backend, dtype, p):
     check_case(backend, dtype, (2, 19), 100, 72, 16, adapter_dtype=torch.float32, p=p)
 
 
+@pytest.mark.parametrize("mode", ["fused", "cublas"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_triton_gemm_modes(mode, dtype, p, monkeypatch):
+    """Both ways the Triton backend runs the big GEMMs: fused (LoRA term in the GEMM) and cuBLAS
+    followed by the in-place LoRA epilogue pass."""
+    monkeypatch.setenv("PEFTKERN_LORA_GEMM", mode)
+    check_case("triton", dtype, (3, 13), 100, 72, 8, p=p, adapter_dtype=torch.float32)
+    check_case("triton", dtype, (40,), 64, 130, 4, p=p, bias=False)
+
+
+def test_gemm_mode_env_is_checked(monkeypatch):
+    from peftkern.triton.lora import gemm_mode
+
+    monkeypatch.setenv("PEFTKERN_LORA_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="PEFTKERN_LORA_GEMM"):
+        gemm_mode(torch.device("cpu"))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_non_contiguous_x(backend):
     check_case(backend, torch.float32, (37,), 100, 72, 8, noncontig=True, p=0.1)

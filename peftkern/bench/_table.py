@@ -43,6 +43,7 @@ def table(rows: list[dict], baselines: tuple[str, ...]) -> str:
         t = lambda m, r=r: f"{r[m]['median_ms']:9.3f}" if m in r else f"{'-':>9}"
         sp = r.get("speedup", {}).get("full") or r.get("speedup", {}).get("fwd") or {}
         spd = " / ".join(f"{sp[b]:.2f}x" if b in sp else "-" for b in baselines)
+        tok = f"   {r['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in r else ""
         lines.append(head + t("fwd") + t("bwd") + t("full") + f"{_fmt_bytes(r.get('saved_bytes')):>9}"
-                     f"{_fmt_bytes(r.get('peak_bytes')):>9}   " + (spd if sp else ""))
+                     f"{_fmt_bytes(r.get('peak_bytes')):>9}   " + (spd if sp else "") + tok)
     return "\n".join(lines)

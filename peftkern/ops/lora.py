@@ -33,6 +33,8 @@ def _fwd_backends(x2d, weight, lora_A, p):
             return f"the cuda decode kernel takes M <= {CUDA_DECODE_MAX_M} rows, got {x2d.shape[0]}"
         if lora_A.shape[0] > 128:
             return "the cuda decode kernel takes rank r <= 128"
+        if not weight.is_contiguous():
+            return "the cuda decode kernel reads a contiguous weight (copying it per call would cost more)"
         return None  # it also returns t, so a backward (on triton) still works
 
     return {"torch": lambda: None, "triton": lambda: None, "cuda": cuda_ok}

@@ -11,6 +11,8 @@ Backward (four launches, dW/db are left to torch when the base is trainable):
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -208,6 +210,47 @@ def _tn_kernel(
     tl.store(out, acc * scale, mask=n_ok[:, None] & r_ok[None, :])
 
 
+_EPI_CONFIGS = configs(
+    [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 256}, num_warps=4, num_stages=2),
+    ],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+)
+
+
+@triton.autotune(configs=_EPI_CONFIGS, key=["N", "R"])
+@triton.jit
+def _lora_epilogue_kernel(
+    OUT, T, U, BIAS,
+    M, N, R,
+    som, son, stm, str_, sun, sur,
+    scaling, seed, p,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """OUT[m, n] += s · (Σ_r T[m,r] U[n,r]) ⊙ keep(m, n) + BIAS[n], in place on a GEMM's output."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    t = tl.load(T + offs_m[:, None] * stm + offs_r[None, :] * str_, mask=m_ok[:, None] & (offs_r[None, :] < R),
+                other=0.0)
+    u = tl.load(U + offs_n[None, :] * sun + offs_r[:, None] * sur, mask=n_ok[None, :] & (offs_r[:, None] < R),
+                other=0.0)
+    lora = tl.dot(t.to(tl.float32) * scaling, u.to(tl.float32), input_precision=PREC)
+    if HAS_DROPOUT:
+        lora = tl.where(_keep(seed, offs_m, tl.program_id(1) * BLOCK_N, N, p, BLOCK_N), lora, 0.0)
+    if HAS_BIAS:
+        lora += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    ptrs = OUT + offs_m[:, None] * som + offs_n[None, :] * son
+    mask = m_ok[:, None] & n_ok[None, :]
+    out = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + lora
+    tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------- launchers
 
 
@@ -253,6 +296,38 @@ def gemm_lora(x2d, w, w_nk_strides, t, u, u_nr_strides, bias, out_dtype, N, scal
     return out
 
 
+def lora_epilogue_(out, t, u, u_nr_strides, bias, scaling, p, seed):
+    """In place: out (M, N) += scaling · (t · Uᵀ) ⊙ keep + bias."""
+    M, N = out.shape
+    r = t.shape[1]
+    if M == 0 or N == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+    _lora_epilogue_kernel[grid](
+        out, t, u, bias if bias is not None else t,
+        M, N, r,
+        out.stride(0), out.stride(1), t.stride(0), t.stride(1), u_nr_strides[0], u_nr_strides[1],
+        scaling, _seed_int(seed), p,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, PREC=dot_precision(out.dtype), BLOCK_R=block_r(r),
+    )
+    return out
+
+
+def gemm_mode(device) -> str:
+    """How the big GEMMs run: "fused" (one Triton GEMM, LoRA term in its prologue, output written
+    once) or "cublas" (torch's GEMM, then one Triton pass adding the LoRA term in place).
+
+    On an H100 (benchmarks/NOTES.md) our Triton GEMM ran at 632 us where cuBLAS took 369 us for the
+    same 8192x4096x4096 bf16 product, so the extra read+write of the output (~45 us) is cheaper.
+    PEFTKERN_LORA_GEMM=fused|cublas overrides; the interpreter defaults to fused."""
+    mode = os.environ.get("PEFTKERN_LORA_GEMM", "").strip().lower()
+    if mode in ("fused", "cublas"):
+        return mode
+    if mode:
+        raise ValueError(f"PEFTKERN_LORA_GEMM must be 'fused' or 'cublas', got {mode!r}")
+    return "cublas" if device.type == "cuda" else "fused"
+
+
 def _num_splits(M: int, N: int, device) -> int:
     if INTERPRET or device.type != "cuda":
         return 1 if M < 64 else 2
@@ -286,8 +361,11 @@ def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
     r = lora_A.shape[0]
     inv_keep = 1.0 / (1.0 - p)
     t = shrink(x2d, lora_A.stride(), lora_A, r, inv_keep, p, seed, prec)
-    y = gemm_lora(x2d, weight, weight.stride(), t, lora_B, lora_B.stride(), bias, x2d.dtype,
-                  weight.shape[0], scaling, 0.0, None)
+    if gemm_mode(x2d.device) == "cublas":
+        y = lora_epilogue_(x2d @ weight.t(), t, lora_B, lora_B.stride(), bias, scaling, 0.0, None)
+    else:
+        y = gemm_lora(x2d, weight, weight.stride(), t, lora_B, lora_B.stride(), bias, x2d.dtype,
+                      weight.shape[0], scaling, 0.0, None)
     return y, t
 
 
@@ -299,11 +377,13 @@ def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_d
     # dt = s · dy B: B is (out, r), read as A[r, k] = B[k, r].
     dt = shrink(dy, (lora_B.stride(1), lora_B.stride(0)), lora_B, r, scaling, 0.0, None, prec)
     dx = None
-    if need_dx:
-        # dx = dy W + (dt A) ⊙ keep/(1-p): W[n=in, k=out] = weight[k, n]; U[n=in, r] = A[r, n].
-        dx = gemm_lora(dy, weight, (weight.stride(1), weight.stride(0)), dt, lora_A,
-                       (lora_A.stride(1), lora_A.stride(0)), None, x2d.dtype, weight.shape[1],
-                       inv_keep, p, seed)
+    a_nr = (lora_A.stride(1), lora_A.stride(0))  # U[n=in, r] = A[r, n]
+    if need_dx and gemm_mode(dy.device) == "cublas":
+        dx = lora_epilogue_(dy @ weight, dt, lora_A, a_nr, None, inv_keep, p, seed)
+    elif need_dx:
+        # dx = dy W + (dt A) ⊙ keep/(1-p): W[n=in, k=out] = weight[k, n].
+        dx = gemm_lora(dy, weight, (weight.stride(1), weight.stride(0)), dt, lora_A, a_nr, None, x2d.dtype,
+                       weight.shape[1], inv_keep, p, seed)
     d_a = tn(x2d, dt, inv_keep, p, seed, prec).t().to(lora_A.dtype).contiguous()
     d_b = tn(dy, t, scaling, 0.0, None, prec).to(lora_B.dtype)
     return dx, d_a, d_b

@@ -1,0 +1,301 @@
+"""Drop-in acceleration of peft LoRA models: `accelerate(model)` routes peft's `lora.Linear` layers through
+`peftkern.ops.lora.lora_linear`, in place; `restore(model)` undoes it.
+
+Only instances are patched (their bound `forward`), never peft's classes, and peft's own parameters and
+state (`lora_A`, `lora_B`, `scaling`, `lora_dropout`, active adapters, merged flags) stay the single source
+of truth, so `save_pretrained`, `from_pretrained`, `merge_and_unload`, `disable_adapter()`, `set_adapter` and
+multiple adapters keep working. Every call re-checks the fast path's preconditions and otherwise runs peft's
+own forward; such a fallback is logged once per reason (logger "peftkern") and raises under PEFTKERN_STRICT=1.
+
+Semantics follow peft 0.21's `lora.Linear.forward`:
+    result = base_layer(x); for each active adapter a: result += lora_B[a](lora_A[a](dropout[a](x))) * scaling[a]
+with x cast to the adapter dtype for the LoRA term and the result in the base output's dtype. The first active
+adapter runs fused with the base GEMM; further active adapters (rare: several adapters active at once) are
+added with peft's own expression after it. Dropout uses each adapter's `nn.Dropout.p` when that module is
+training, from the op's seeded mask (same distribution as peft's, different draws).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import types
+
+import torch
+from torch import nn
+
+from .. import _backend
+from ..ops import lora as _lora_ops
+
+log = logging.getLogger("peftkern")
+
+_MARK = "_peftkern_accelerated"  # instance attribute set on patched layers
+_logged: set[str] = set()
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# Keyword arguments peft's forward pops and ignores for vanilla LoRA when they are None.
+_NONE_KWARGS = ("adapter_names", "alora_offsets")
+
+
+@dataclasses.dataclass
+class Summary:
+    """What `accelerate` did: `lora_layers` LoRA layers found, `patched` routed through peftkern (of which
+    `fused_now` take the fused path in the model's current state), and why the others keep peft's forward."""
+
+    lora_layers: int = 0
+    patched: int = 0
+    fused_now: int = 0
+    reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def __str__(self) -> str:
+        why = "; ".join(f"{r}: {n}" for r, n in self.reasons.most_common())
+        return (f"{self.fused_now} of {self.lora_layers} LoRA layers run peftkern's fused op"
+                + (f"; the others keep peft's forward ({why})" if why else ""))
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+_conv1d: list = []  # transformers' Conv1D class (or None), looked up once: imports are not free per call
+
+
+def _conv1d_type():
+    if not _conv1d:
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:  # pragma: no cover - transformers is optional
+            Conv1D = None
+        _conv1d.append(Conv1D)
+    return _conv1d[0]
+
+
+def _plain_forward(mod: nn.Module, cls) -> bool:
+    """mod runs cls.forward unchanged: no subclass override, no instance-level replacement, no hooks."""
+    return (type(mod).forward is cls.forward and "forward" not in mod.__dict__ and not mod._forward_hooks
+            and not mod._forward_pre_hooks and not mod._backward_hooks and not mod._backward_pre_hooks)
+
+
+def _plain_weight(w) -> bool:
+    # Quantized and sharded (DTensor) weights are tensor subclasses: the op needs a dense float tensor.
+    return type(w) in (torch.Tensor, nn.Parameter) and w.dtype in _FLOATS
+
+
+def _base_kind(base: nn.Module) -> str | None:
+    if isinstance(base, nn.Linear) and _plain_forward(base, nn.Linear):
+        return "linear"
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(base, conv1d) and _plain_forward(base, conv1d):
+        return "conv1d"
+    return None
+
+
+def _layer_why_not(layer, active: list[str]) -> str | None:
+    """Why the fused path cannot serve this layer with these active adapters (input-independent), or None."""
+    base = layer.base_layer
+    if _base_kind(base) is None:
+        return f"base layer {type(base).__name__} (or its forward is hooked/overridden)"
+    if not _plain_weight(base.weight) or (base.bias is not None and not _plain_weight(base.bias)):
+        return f"base weight is a {type(base.weight).__name__} of {base.weight.dtype} (quantized or sharded)"
+    for a in active:
+        if a in layer.lora_variant:
+            return f"LoRA variant {type(layer.lora_variant[a]).__name__} (DoRA, aLoRA, ...)"
+    a = active[0]
+    lora_a, lora_b = layer.lora_A[a], layer.lora_B[a]
+    if not (isinstance(lora_a, nn.Linear) and _plain_forward(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)
+            and _plain_forward(lora_b, nn.Linear)):
+        return "lora_A/lora_B are not plain nn.Linear modules"
+    if lora_a.bias is not None or (lora_b.bias is not None) != bool(layer.lora_bias.get(a, False)):
+        return "unexpected bias on lora_A/lora_B"
+    if not (_plain_weight(lora_a.weight) and _plain_weight(lora_b.weight)):
+        return "adapter weights are not dense float tensors"
+    if lora_a.weight.dtype != lora_b.weight.dtype:
+        return "lora_A and lora_B have different dtypes"
+    if lora_b.bias is not None and lora_b.bias.dtype != lora_b.weight.dtype:
+        return "lora_B.bias dtype differs from lora_B.weight's"
+    r, in_f = lora_a.weight.shape
+    if r > min(in_f, lora_b.weight.shape[0]):
+        return f"rank {r} exceeds min(in, out)"
+    drop = layer.lora_dropout[a]
+    if type(drop) not in (nn.Dropout, nn.Identity) or (type(drop) is nn.Dropout and not 0.0 <= drop.p < 1.0):
+        return f"dropout module {type(drop).__name__} (only nn.Dropout with p < 1 or nn.Identity)"
+    s = layer.scaling[a]
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+        return f"scaling is a {type(s).__name__}, not a Python number"
+    return None
+
+
+def _active(layer) -> list[str]:
+    keys = layer.lora_A.keys()
+    return [a for a in layer.active_adapters if a in keys]
+
+
+def _why_not(layer, x, args, kwargs) -> str | None:
+    """None: take the fused path. "": peft's forward is only the base layer (adapters disabled / merged / none
+    active here), nothing to fuse. Otherwise the reason the fused path cannot take this call."""
+    if args:
+        return "extra positional arguments to the LoRA layer"
+    for k, v in kwargs.items():
+        if v is not None or k not in _NONE_KWARGS:
+            return "adapter_names (mixed-adapter batch)" if k == "adapter_names" else f"keyword argument {k!r}"
+    if layer.disable_adapters or layer.merged:
+        return ""
+    active = _active(layer)
+    if not active:
+        return ""
+    why = _layer_why_not(layer, active)
+    if why is not None:
+        return why
+    w = layer.base_layer.weight
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS or x.dim() < 1:
+        return "input is not a float tensor"
+    a_w = layer.lora_A[active[0]].weight
+    if x.device != w.device or a_w.device != w.device:
+        return "input, base weight and adapters are on different devices"
+    if torch.is_autocast_enabled(x.device.type):
+        if torch.get_autocast_dtype(x.device.type) not in _FLOATS:
+            return "autocast to an unsupported dtype"
+        return None
+    if x.dtype != w.dtype:
+        return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
+    if x.dtype != a_w.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+        return "input dtype casting disabled (peft.helpers.disable_input_dtype_casting)"
+    return None
+
+
+def _note_fallback(why: str) -> None:
+    if _backend.strict():
+        raise _backend.BackendUnavailable(f"peftkern.accelerate: a LoRA layer falls back to peft's forward: {why}")
+    if why not in _logged:
+        _logged.add(why)
+        log.warning("peftkern: a LoRA layer runs peft's forward (not fused): %s", why)
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """Replaces a peft `lora.Linear` instance's forward; see the module docstring for the semantics."""
+    why = _why_not(self, x, args, kwargs)
+    if why is not None:
+        if why:
+            _note_fallback(why)
+        return type(self).forward(self, x, *args, **kwargs)
+    active = _active(self)
+    a0 = active[0]
+    base = self.base_layer
+    w, b = base.weight, base.bias
+    if _base_kind(base) == "conv1d":
+        w = w.t()  # Conv1D stores (in, out): pass the (out, in) view; the op reads weights by strides
+    lora_a, lora_b = self.lora_A[a0].weight, self.lora_B[a0].weight
+    s = float(self.scaling[a0])
+    drop = self.lora_dropout[a0]
+    p = float(drop.p) if type(drop) is nn.Dropout and drop.training else 0.0
+    lb = self.lora_B[a0].bias  # lora_bias=True: s * b_B folds into the base bias of the fused GEMM
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # Do what autocast does to peft's linears (cast every operand to the autocast dtype), then run the op
+        # with autocast off so it does not recast the op's internals.
+        cdt = torch.get_autocast_dtype(dev)
+        x_c, w, lora_a, lora_b = x.to(cdt), w.to(cdt), lora_a.to(cdt), lora_b.to(cdt)
+        b = None if b is None else b.to(cdt)
+        if lb is not None:
+            lb = lb.to(cdt)
+        with torch.autocast(dev, enabled=False):
+            y = _lora_ops.lora_linear(x_c, w, _fold_bias(b, lb, s, cdt), lora_a, lora_b, s, p)
+    else:
+        y = _lora_ops.lora_linear(x, w, _fold_bias(b, lb, s, w.dtype), lora_a, lora_b, s, p)
+    if len(active) > 1:
+        _note_extra_adapters()
+        result_dtype = y.dtype
+        for a in active[1:]:  # peft's own expression for the 2nd.. active adapters
+            x = self._cast_input_dtype(x, self.lora_A[a].weight.dtype)
+            y = y + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](x))) * self.scaling[a]
+        y = y.to(result_dtype)
+    return y
+
+
+def _fold_bias(b, lb, s, dtype):
+    if lb is None:
+        return b
+    extra = (lb * s).to(dtype)
+    return extra if b is None else b + extra
+
+
+def _note_extra_adapters() -> None:
+    key = "several active adapters"
+    if key not in _logged:
+        _logged.add(key)
+        log.info("peftkern: several active adapters: the first runs fused, the others with peft's expression")
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+
+def _lora_layers(model: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer):
+            yield name, mod
+
+
+def _patchable(mod) -> str | None:
+    from peft.tuners.lora import Linear
+
+    if not isinstance(mod, Linear) or type(mod).forward is not Linear.forward:
+        return f"{type(mod).__name__} LoRA layer (only peft's lora.Linear is fused)"
+    if "forward" in mod.__dict__ and not getattr(mod, _MARK, False):
+        return "forward already replaced by another library (e.g. accelerate hooks)"
+    return None
+
+
+def accelerate(model: nn.Module) -> Summary:
+    """Route every peft `lora.Linear` layer of `model` (a `PeftModel` or any model with peft LoRA layers
+    injected) through peftkern's fused LoRA op, in place. Calling it again is harmless; layers added later
+    (a new adapter on new target modules) need another call. Logs one summary line on logger "peftkern"."""
+    summary = Summary()
+    for _, mod in _lora_layers(model):
+        summary.lora_layers += 1
+        why = _patchable(mod)
+        if why is not None:
+            summary.reasons[why] += 1
+            continue
+        if not getattr(mod, _MARK, False):
+            # A bound method in the instance dict: nn.Module.__call__ picks it up, deepcopy rebinds it.
+            mod.forward = types.MethodType(_fused_forward, mod)
+            setattr(mod, _MARK, True)
+        summary.patched += 1
+        now = _state_why_not(mod)
+        if now is None:
+            summary.fused_now += 1
+        else:
+            summary.reasons[now] += 1
+    log.info("peftkern.accelerate(%s): %s", type(model).__name__, summary)
+    return summary
+
+
+def _state_why_not(layer) -> str | None:
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "merged into the base weight"
+    active = _active(layer)
+    if not active:
+        return "no active adapter in this layer"
+    return _layer_why_not(layer, active)
+
+
+def restore(model: nn.Module) -> int:
+    """Undo `accelerate`: every patched layer runs peft's own forward again. Returns how many were restored."""
+    n = 0
+    for _, mod in _lora_layers(model):
+        if getattr(mod, _MARK, False):
+            mod.__dict__.pop("forward", None)
+            delattr(mod, _MARK)
+            n += 1
+    return n
+
+
+def is_accelerated(module: nn.Module) -> bool:
+    """True when `module` (a LoRA layer) has been patched by `accelerate`."""
+    return bool(getattr(module, _MARK, False))
