@@ -6,11 +6,12 @@ call, the CUDA extension builds with `peftkern build` or on first use of the cud
 
 from . import nn, ops
 from ._backend import BACKENDS, BackendUnavailable, requested_backend, use_backend
+from .integrations.adapters import AdapterConfig, add_adapters, load_adapters, remove_adapters, save_adapters
 from .integrations.peft import accelerate, restore
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "BackendUnavailable", "__version__", "accelerate", "nn", "ops", "requested_backend", "restore",
-    "use_backend",
+    "BACKENDS", "AdapterConfig", "BackendUnavailable", "__version__", "accelerate", "add_adapters", "load_adapters",
+    "nn", "ops", "remove_adapters", "requested_backend", "restore", "save_adapters", "use_backend",
 ]

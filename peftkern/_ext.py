@@ -388,7 +388,7 @@ def build(force: bool = False, verbose: bool = False) -> Path:
                 name=EXT_NAME,
                 sources=sources,
                 extra_cflags=["-O3"],
-                extra_cuda_cflags=["-O3", "-lineinfo"],
+                extra_cuda_cflags=["-O3", "-lineinfo", "--threads=2"],
                 extra_include_paths=include_dirs,
                 build_directory=str(folder),
                 verbose=verbose,

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-OPS = ("lora", "ia3", "prefix", "e2e")
+OPS = ("lora", "adapter", "ia3", "prefix", "e2e")
 
 
 def _bench(args) -> int:

@@ -1,0 +1,134 @@
+"""Bottleneck adapter microbenchmark: peftkern's backends beside the eager composition (F.linear, act,
+F.linear, add) and its torch.compile, on the same inputs in one process. Adapter tensors are in x's dtype.
+The cuda backend is a forward kernel: its rows' backward is the Triton backward (logged as a fallback)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from .._memory import saved_bytes
+from ..ops.adapter import CUDA_MAX_R, bottleneck_adapter
+
+_ACT = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu}
+
+
+@dataclass
+class Case:
+    name: str
+    m: int
+    d: int
+    r: int
+    act: str
+    residual: bool  # parallel adapter (separate residual) or serial (x is the residual)
+
+
+def _cases(m, d, r):
+    return [Case("serial", m, d, r, "relu", False), Case("parallel", m, d, r, "silu", True)]
+
+
+PRESETS = {"llama-7b": _cases(8192, 4096, 64), "llama-1b": _cases(8192, 2048, 64), "tiny": _cases(512, 512, 16)}
+QUICK = {"tiny": [Case("serial", 256, 256, 16, "relu", False)]}
+
+
+def _eager(x, dw, db, uw, ub, res, act, s):
+    return (x if res is None else res) + F.linear(_ACT[act](F.linear(x, dw, db)), uw, ub) * s
+
+
+def providers(case: Case, dtype, device, compile_baseline: bool) -> dict[str, Callable | str]:
+    """name -> forward closure over shared adapter tensors, or a string saying why it is skipped."""
+    g = lambda *s, std: (torch.randn(*s, device=device) * std).to(dtype).requires_grad_(True)
+    dw, db = g(case.r, case.d, std=case.d ** -0.5), g(case.r, std=0.02)
+    uw, ub = g(case.d, case.r, std=case.r ** -0.5), g(case.d, std=0.02)
+    s = 0.5
+    out: dict[str, Callable | str] = {"eager": lambda x, res: _eager(x, dw, db, uw, ub, res, case.act, s)}
+    if compile_baseline:
+        compiled = torch.compile(_eager)
+        out["eager+compile"] = lambda x, res: compiled(x, dw, db, uw, ub, res, case.act, s)
+    else:
+        out["eager+compile"] = "skipped on CPU (slow to compile; pass --compile)"
+    for name in _backend.BACKENDS:
+        why = _backend_why_not(name, case, dtype, device)
+        out[f"peftkern-{name}"] = why or _bound(name, lambda x, res: bottleneck_adapter(x, dw, db, uw, ub, res,
+                                                                                         case.act, s))
+    out["_params"] = [dw, db, uw, ub]  # type: ignore[assignment]
+    return out
+
+
+def _bound(backend: str, fn):
+    def run(x, res):
+        with _backend.use_backend(backend):
+            return fn(x, res)
+
+    return run
+
+
+def _backend_why_not(name: str, case: Case, dtype, device) -> str | None:
+    if name == "triton":
+        return _backend.triton_unavailable(device)
+    if name == "cuda":
+        if device.type != "cuda":
+            return "needs a CUDA device"
+        if dtype == torch.float32 or case.r > CUDA_MAX_R:
+            return f"fp16/bf16 and r <= {CUDA_MAX_R} only"
+        return _backend.cuda_unavailable(device, build_if_missing=True)
+    return None
+
+
+def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, compile_baseline: bool):
+    cases = (QUICK.get(preset) if quick else None) or PRESETS[preset]
+    rows = []
+    for case in cases:
+        x0 = torch.randn(case.m, case.d, device=device, dtype=dtype)
+        res0 = torch.randn_like(x0) if case.residual else None
+        provs = providers(case, dtype, device, compile_baseline)
+        params = provs.pop("_params")
+        for name, fn in provs.items():
+            row = dict(op="adapter", case=case.name, provider=name, m=case.m, d=case.d, r=case.r, act=case.act,
+                       residual=case.residual, dtype=str(dtype).split(".")[-1])
+            if isinstance(fn, str):
+                rows.append(row | {"skipped": fn})
+                continue
+            progress(f"adapter {case.name} {name}")
+            try:
+                row |= _measure(fn, x0, res0, case, params, device, quick, timeit, peak_bytes)
+            except Exception as e:  # a failing provider is reported, not hidden
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+    return rows
+
+
+def _measure(fn, x0, res0, case, params, device, quick, timeit, peak_bytes):
+    x = x0.detach().requires_grad_(True)
+    res = None if res0 is None else res0.detach().requires_grad_(True)
+    y = fn(x, res)
+    gy = torch.randn_like(y)
+    out = {"y_checksum": y.float().abs().mean().item()}  # same inputs: providers must agree closely
+    del y
+    grads = [t for t in (x, res, *params) if t is not None]
+
+    def clear():
+        for t in grads:
+            t.grad = None
+
+    out["fwd"] = timeit(lambda: fn(x, res), device, quick)
+    y = fn(x, res)
+    out["bwd"] = timeit(lambda y=y: (clear(), y.backward(gy, retain_graph=True)), device, quick)
+    del y
+    out["full"] = timeit(lambda: (clear(), fn(x, res).backward(gy)), device, quick)
+    clear()
+    out["saved_bytes"] = saved_bytes(lambda: fn(x, res), params)
+    out["peak_bytes"] = peak_bytes(lambda: (clear(), fn(x, res).backward(gy)), device)
+    clear()
+    elt = x0.element_size()
+    out["flops_fwd"] = 4 * case.m * case.d * case.r
+    # Compulsory traffic: read x (and the residual), write y, read the weights once.
+    out["bytes_fwd_min"] = (case.m * case.d * (3 if case.residual else 2) + 2 * case.d * case.r) * elt
+    return out
+
+
+BASELINES = ("eager", "eager+compile")

@@ -1,0 +1,314 @@
+"""Bottleneck adapters injected into Hugging Face transformers models (peft has no bottleneck adapters).
+
+Placements (d = hidden size, r = `bottleneck`):
+  houlsby  (Houlsby et al. 2019): serial adapters after the attention output projection and after the
+           FFN output projection, before the residual add (and so before the LayerNorm of post-LN models
+           such as BERT / RoBERTa, whose *SelfOutput / *Output add and normalise after the projection).
+  pfeiffer (Pfeiffer et al. 2021): the serial FFN adapter only.
+  parallel (He et al. 2022): beside the FFN sublayer, fed the sublayer's input, added to its output
+           projection's output.
+`sites` overrides where adapters go ("attn", "ffn"). The base model is frozen; each adapter starts as the
+identity (up-projection and its bias zero), so the model starts unchanged.
+
+Mechanics: an adapter is an nn.Module child named `adapter` of the output projection it follows (so its
+parameters are named like `...self_attn.o_proj.adapter.down_weight`, the base's names are untouched, and
+deepcopy / .to() / state_dict work); a forward hook on that projection applies it. A parallel adapter also
+has a forward pre-hook on its sublayer that hands the sublayer's input to the adapter.
+
+`save_adapters` writes `adapter_model.safetensors` and `adapter_config.json` (no pickle);
+`load_adapters` adds the adapters when the model has none and loads them strictly (names and shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..nn.adapter import BottleneckAdapter
+from ..ops.adapter import ACTIVATIONS
+
+PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+SITES = ("attn", "ffn")
+_DEFAULT_SITES = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",), "parallel": ("ffn",)}
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """bottleneck: r. activation: relu | gelu | gelu_tanh | silu. scaling: s in y = res + s · adapter(x).
+    sites: None for the placement's default. dtype: None for each hooked projection's dtype, or
+    "float32" / "float16" / "bfloat16"."""
+
+    bottleneck: int = 64
+    placement: str = "houlsby"
+    activation: str = "relu"
+    scaling: float = 1.0
+    sites: tuple[str, ...] | None = None
+    dtype: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1:
+            raise ValueError(f"bottleneck must be a positive int, got {self.bottleneck!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
+            raise TypeError(f"scaling must be a float, got {type(self.scaling).__name__}")
+        self.scaling = float(self.scaling)
+        if self.sites is not None:
+            self.sites = tuple(self.sites)
+            bad = [s for s in self.sites if s not in SITES]
+            if bad or not self.sites or len(set(self.sites)) != len(self.sites):
+                raise ValueError(f"sites must be distinct names from {SITES}, got {self.sites!r}")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be None or one of {tuple(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def resolved_sites(self) -> tuple[str, ...]:
+        return self.sites or _DEFAULT_SITES[self.placement]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sites"] = list(self.resolved_sites)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AdapterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown AdapterConfig keys {unknown}")
+        return cls(**d)
+
+
+# ------------------------------------------------------------------ architectures
+
+
+@dataclasses.dataclass(frozen=True)
+class _Site:
+    out: str  # path from the layer to the output projection the adapter follows
+    sub: str  # path to the sublayer whose input feeds a parallel adapter (an ancestor of `out`)
+    arg: int  # position of that input in the sublayer's forward
+    kwarg: str  # its keyword name
+
+
+def _llama(layer):
+    return {"attn": _Site("self_attn.o_proj", "self_attn", 0, "hidden_states"),
+            "ffn": _Site("mlp.down_proj", "mlp", 0, "x")}
+
+
+def _bert(layer):  # post-LN: *SelfOutput / *Output get (hidden_states, input_tensor) and add + normalise
+    return {"attn": _Site("attention.output.dense", "attention.output", 1, "input_tensor"),
+            "ffn": _Site("output.dense", "output", 1, "input_tensor")}
+
+
+def _gpt2(layer):
+    return {"attn": _Site("attn.c_proj", "attn", 0, "hidden_states"),
+            "ffn": _Site("mlp.c_proj", "mlp", 0, "hidden_states")}
+
+
+def _t5(layer):  # layer.0 self-attention, (layer.1 cross-attention in the decoder, not adapted), last: FFN
+    last = len(layer.layer) - 1
+    return {"attn": _Site("layer.0.SelfAttention.o", "layer.0.SelfAttention", 0, "hidden_states"),
+            "ffn": _Site(f"layer.{last}.DenseReluDense.wo", f"layer.{last}.DenseReluDense", 0, "hidden_states")}
+
+
+_ARCHS: dict[str, Callable] = {
+    "LlamaDecoderLayer": _llama, "MistralDecoderLayer": _llama, "Qwen2DecoderLayer": _llama,
+    "BertLayer": _bert, "RobertaLayer": _bert,
+    "GPT2Block": _gpt2,
+    "T5Block": _t5,
+}
+
+
+def _layer_sites(module: nn.Module) -> dict[str, _Site] | None:
+    name = type(module).__name__
+    if name in _ARCHS:
+        return _ARCHS[name](module)
+    # Llama-shaped decoder layers of other families (Mistral, Qwen, Gemma, ...).
+    if name.endswith("DecoderLayer") and _has(module, "self_attn.o_proj") and _has(module, "mlp.down_proj"):
+        return _llama(module)
+    return None
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def find_layers(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, _Site]]]:
+    """(name, layer, sites) of every transformer layer peftkern knows how to adapt, in module order."""
+    return [(n, m, s) for n, m in model.named_modules() if (s := _layer_sites(m)) is not None]
+
+
+def _out_features(mod: nn.Module) -> int:
+    if isinstance(mod, nn.Linear):
+        return mod.out_features
+    if hasattr(mod, "nf"):  # transformers' Conv1D (GPT-2): weight (in, out)
+        return int(mod.nf)
+    raise TypeError(f"cannot tell the output size of {type(mod).__name__}")
+
+
+# ------------------------------------------------------------------ hooks (module-level: deepcopy-safe)
+
+
+def _serial_hook(mod, args, out):
+    return mod.adapter(out)
+
+
+def _capture_hook(sub, args, kwargs, *, out_path, arg, kwarg):
+    x = args[arg] if len(args) > arg else kwargs[kwarg]
+    sub.get_submodule(out_path).adapter._parallel_input = x
+
+
+def _parallel_hook(mod, args, out):
+    adapter = mod.adapter
+    x = adapter.__dict__.pop("_parallel_input", None)
+    if x is None:
+        raise RuntimeError("parallel adapter: the sublayer input was not captured (was the projection called "
+                           "outside its sublayer?)")
+    return adapter(x, residual=out)
+
+
+_HOOKS = (_serial_hook, _capture_hook, _parallel_hook)
+
+
+def _is_ours(hook) -> bool:
+    return hook in _HOOKS or getattr(hook, "func", None) in _HOOKS
+
+
+# ------------------------------------------------------------------ public API
+
+
+def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Adds bottleneck adapters to every supported layer of `model` (in place), freezes everything else
+    and returns the model. Trainable parameters: layers × sites × (2·d·r + r + d)."""
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    if has_adapters(model):
+        raise ValueError("the model already has peftkern adapters: call remove_adapters(model) first")
+    layers = find_layers(model)
+    if not layers:
+        raise ValueError(f"add_adapters: no supported transformer layers in {type(model).__name__} "
+                         f"(supported layer classes: {', '.join(sorted(_ARCHS))}, and Llama-shaped *DecoderLayer)")
+    model.requires_grad_(False)
+    for _, layer, sites in layers:
+        for site_name in config.resolved_sites:
+            _add_one(layer, sites[site_name], config)
+    model._peftkern_adapter_config = config
+    return model
+
+
+def _add_one(layer: nn.Module, site: _Site, config: AdapterConfig) -> None:
+    out = layer.get_submodule(site.out)
+    weight = out.weight
+    dtype = _DTYPES[config.dtype] if config.dtype else weight.dtype
+    out.adapter = BottleneckAdapter(_out_features(out), config.bottleneck, config.activation, config.scaling,
+                                    device=weight.device, dtype=dtype)
+    if config.placement == "parallel":
+        sub = layer.get_submodule(site.sub)
+        rel = site.out[len(site.sub) + 1:]
+        sub.register_forward_pre_hook(functools.partial(_capture_hook, out_path=rel, arg=site.arg,
+                                                        kwarg=site.kwarg), with_kwargs=True)
+        out.register_forward_hook(_parallel_hook)
+    else:
+        out.register_forward_hook(_serial_hook)
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(m, BottleneckAdapter) for m in model.modules())
+
+
+def adapter_config(model: nn.Module) -> AdapterConfig | None:
+    return getattr(model, "_peftkern_adapter_config", None)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """name -> parameter of every adapter, names as in model.named_parameters()."""
+    return {f"{mn}.{pn}": p for mn, m in model.named_modules() if isinstance(m, BottleneckAdapter)
+            for pn, p in m.named_parameters(recurse=False)}
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Removes every peftkern adapter and its hooks (the base stays frozen)."""
+    for m in model.modules():
+        for hooks, kw in ((m._forward_hooks, m._forward_hooks_with_kwargs),
+                          (m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs)):
+            for hid in [h for h, fn in hooks.items() if _is_ours(fn)]:
+                del hooks[hid]
+                kw.pop(hid, None)
+        if isinstance(getattr(m, "adapter", None), BottleneckAdapter):
+            del m.adapter
+    model.__dict__.pop("_peftkern_adapter_config", None)
+    return model
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
+    """Writes the adapters of `model` to the folder `path`: safetensors weights and a JSON config."""
+    from safetensors.torch import save_file
+
+    config = adapter_config(model)
+    state = adapter_state_dict(model)
+    if config is None or not state:
+        raise ValueError("the model has no peftkern adapters to save (call add_adapters first)")
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(path, WEIGHTS_NAME),
+              metadata={"format": "pt", "producer": "peftkern"})
+    meta = {"peftkern_adapter": config.to_dict(), "base_model_class": type(model).__name__,
+            "num_adapters": len(state) // 4}
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Loads adapters saved by `save_adapters` into `model`, adding them first when it has none. Strict:
+    a missing or unexpected tensor, a shape mismatch or a different config raises ValueError."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        meta = json.load(f)
+    if "peftkern_adapter" not in meta:
+        raise ValueError(f"{os.path.join(path, CONFIG_NAME)} is not a peftkern adapter config")
+    config = AdapterConfig.from_dict(meta["peftkern_adapter"])
+    current = adapter_config(model)
+    if current is not None and current.to_dict() != config.to_dict():
+        raise ValueError(f"the model's adapters were added with {current.to_dict()}, the saved ones with "
+                         f"{config.to_dict()}: remove_adapters(model) first")
+    saved = load_file(os.path.join(path, WEIGHTS_NAME))
+    if current is None:
+        add_adapters(model, config)
+    try:
+        _copy_strict(model, saved, path)
+    except ValueError:
+        if current is None:
+            remove_adapters(model)  # drop the adapters added above (the base stays frozen)
+        raise
+    return model
+
+
+def _copy_strict(model: nn.Module, saved: dict[str, torch.Tensor], path) -> None:
+    state = adapter_state_dict(model)
+    missing, unexpected = sorted(set(state) - set(saved)), sorted(set(saved) - set(state))
+    if missing or unexpected:
+        raise ValueError(f"adapter tensors do not match the model: missing {missing[:4]}"
+                         f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                         f"{'...' if len(unexpected) > 4 else ''}")
+    for name, p in state.items():
+        if saved[name].shape != p.shape:
+            raise ValueError(f"adapter tensor {name} has shape {tuple(saved[name].shape)} in {path} but "
+                             f"{tuple(p.shape)} in the model")
+    with torch.no_grad():
+        for name, p in state.items():
+            p.copy_(saved[name])
