@@ -10,7 +10,7 @@ The README carries no hand-typed numbers: its table lives between
 results. Per op and case, each peftkern provider that ran gets a row with its median time, every
 baseline's median (same process, same inputs) and the speedup = baseline median / peftkern median,
 plus the bytes saved for backward (peftkern vs peft). By default the newest result per device is
-shown; ``--all`` shows every file.
+shown per set of ops; ``--all`` shows every file.
 """
 
 from __future__ import annotations
@@ -49,9 +49,11 @@ def load(paths: list[str]) -> list[dict]:
 
 
 def newest_per_device(results: list[dict]) -> list[dict]:
+    """The newest file per device and set of ops (one op's run does not hide another's)."""
     best: dict[str, dict] = {}
     for r in results:
-        key = f"{r['env'].get('device')}|{r['env'].get('device_type')}"
+        ops = ",".join(sorted({row.get("op", "?") for row in r["rows"]}))
+        key = f"{r['env'].get('device')}|{r['env'].get('device_type')}|{ops}"
         if key not in best or r["env"].get("time", "") > best[key]["env"].get("time", ""):
             best[key] = r
     return sorted(best.values(), key=lambda r: r["env"].get("time", ""), reverse=True)
@@ -80,7 +82,8 @@ def _bytes(n) -> str:
 
 
 def _shape(row: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in row.items() if k not in _RESULT_KEYS and not isinstance(v, (dict, list)))
+    return " ".join(f"{k}={v}" for k, v in row.items()
+                    if k not in _RESULT_KEYS and not isinstance(v, (dict, list, float)))
 
 
 def _groups(rows: list[dict]) -> list[tuple[tuple[str, str], list[dict]]]:
