@@ -43,16 +43,17 @@ def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
 
 
 def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_dx):
-    """Returns (dx or None, dA, dB)."""
+    """Returns (dx or None, dA, dB). The dropout mask is drawn once and used for dA and dx."""
     dyf = dy.float()
     dt = (dyf @ lora_B.float()) * scaling
     d_b = (dyf.t() @ t * scaling).to(lora_B.dtype)
-    xd = _drop(x2d, p, seed).float()
+    keep = None if p == 0.0 else dropout_keep(x2d.shape, p, seed, x2d.device).float() / (1.0 - p)
+    xd = x2d.float() if keep is None else x2d.float() * keep
     d_a = (dt.t() @ xd).to(lora_A.dtype)
     dx = None
     if need_dx:
         lora_dx = dt @ lora_A.float()
-        if p > 0.0:
-            lora_dx = _drop(lora_dx, p, seed)
+        if keep is not None:
+            lora_dx *= keep
         dx = ((dy @ weight).float() + lora_dx).to(x2d.dtype)
     return dx, d_a, d_b
