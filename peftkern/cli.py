@@ -35,6 +35,11 @@ def _bench(args) -> int:
                           compile_baseline)
         rows += _table.speedups(op_rows, mod.BASELINES)
         print(_table.table(op_rows, mod.BASELINES), flush=True)
+    if args.plot:
+        from .bench._plot import plot
+
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "preset": preset, "quick": args.quick, "rows": rows}, f, indent=1)
@@ -91,6 +96,7 @@ def main(argv=None) -> int:
     b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile of peft's layer (default: on CUDA only)")
     b.add_argument("--json", help="write results (with device, commit, versions) to this path")
+    b.add_argument("--plot", help="write a PNG of the speedups (needs matplotlib: peftkern[plot])")
     b.set_defaults(fn=_bench)
     i = sub.add_parser("info", help="versions, backends available and why not")
     i.set_defaults(fn=_info)
