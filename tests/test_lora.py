@@ -330,3 +330,31 @@ def test_saved_bytes_half_of_peft():
     ours = saved_bytes(lambda: peftkern.ops.lora_linear(
         x, layer.base_layer.weight, layer.base_layer.bias, a, bb, layer.scaling["default"], 0.1), params)
     assert ours <= 0.5 * peft_bytes, (ours, peft_bytes)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_same_in_every_kernel(p):
+    """Each Triton kernel that applies dropout (forward shrink, dx GEMM, dA reduction, the cuBLAS-path
+    epilogue) must draw exactly the mask `dropout_keep` materializes, whatever its tile sizes."""
+    from peftkern.triton import lora as tri
+
+    m, n, seed = 64, 64, 4321
+    keep = tri.dropout_keep(m, n, p, seed, DEVICE).float()
+    ones = torch.ones(m, n, device=DEVICE)
+    eye = torch.eye(n, device=DEVICE)
+    prec = "ieee"
+    # shrink: t = drop(1) · Iᵀ / (1-p)... with scale 1 the kept entries are exactly 1.
+    t = tri.shrink(ones, eye.stride(), eye, n, 1.0, p, seed, prec)
+    torch.testing.assert_close(t, keep, rtol=0, atol=0)
+    # tn: P[k, r] = Σ_m drop(1)[m, k] · I[m, r] = keep[r, k].
+    torch.testing.assert_close(tri.tn(ones, eye, 1.0, p, seed, prec).t(), keep, rtol=0, atol=0)
+    # GEMM epilogue (dx path) and the in-place epilogue: lora term = 1 everywhere, masked.
+    col = torch.ones(m, 1, device=DEVICE)
+    row = torch.ones(n, 1, device=DEVICE)
+    zeros = torch.zeros(m, 8, device=DEVICE)
+    w = torch.zeros(n, 8, device=DEVICE)
+    out = tri.gemm_lora(zeros, w, w.stride(), col, row, row.stride(), None, torch.float32, n, 1.0, p, seed)
+    torch.testing.assert_close(out, keep, rtol=0, atol=0)
+    out = tri.lora_epilogue_(torch.zeros(m, n, device=DEVICE), col, row, row.stride(), None, 1.0, p, seed)
+    torch.testing.assert_close(out, keep, rtol=0, atol=0)
+    assert 0.0 < keep.mean().item() < 1.0
