@@ -17,3 +17,16 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def poison_empty():
+    """torch.empty returns NaN-filled memory: an element a kernel forgets to write fails the test."""
+    import torch.utils.deterministic as det
+
+    old = (torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old[0])
+    det.fill_uninitialized_memory = old[1]

@@ -19,17 +19,7 @@ BACKENDS = ["torch", "triton"] + (["cuda"] if DEVICE.type == "cuda" else [])
 HALF = [d for d in DTYPES if d != torch.float32]
 
 
-@pytest.fixture(autouse=True)
-def _poison_empty():
-    """torch.empty returns NaN-filled memory: an element a kernel forgets to write fails the test."""
-    import torch.utils.deterministic as det
-
-    old = (torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    det.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old[0])
-    det.fill_uninitialized_memory = old[1]
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def make_inputs(lead, in_f, out_f, ff, dtype, l_dtype, bias=True, noncontig=False, base_grad=False, x_grad=True,

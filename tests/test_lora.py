@@ -13,18 +13,7 @@ import peftkern
 from peftkern.ops.lora import draw_seed
 from peftkern.reference import lora as ref
 
-
-@pytest.fixture(autouse=True)
-def _poison_empty():
-    """torch.empty returns NaN-filled memory: an element a kernel forgets to write fails the test."""
-    import torch.utils.deterministic as det
-
-    old = (torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    det.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old[0])
-    det.fill_uninitialized_memory = old[1]
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def keep_mask(backend: str, m: int, n: int, p: float, seed: int) -> torch.Tensor:

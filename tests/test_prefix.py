@@ -14,17 +14,7 @@ from peftkern.reference import prefix as ref
 NAMES = ("dq", "dk", "dv", "dprefix_k", "dprefix_v")
 
 
-@pytest.fixture(autouse=True)
-def _poison_empty():
-    """torch.empty returns NaN-filled memory: an element a kernel forgets to write fails the test."""
-    import torch.utils.deterministic as det
-
-    old = (torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    det.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old[0])
-    det.fill_uninitialized_memory = old[1]
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def make_inputs(B, H, Hkv, L, S, P, D, dtype, shared=True, mask=None, layout="contiguous"):

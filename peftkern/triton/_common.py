@@ -36,3 +36,25 @@ def upcast_dots(dtype: torch.dtype) -> bool:
 
 def block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
+
+
+def _gemm_cfg(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+# GEMM tiles sized for A100 / H100 at LLM shapes (K, N in the thousands), plus narrow tiles for small
+# M. Every BLOCK_M is a multiple of 16 (IA3's per-16-row partial sums rely on it).
+GEMM_CONFIGS = configs(
+    [
+        _gemm_cfg(128, 256, 64, 8, 3),
+        _gemm_cfg(256, 128, 64, 8, 3),
+        _gemm_cfg(128, 128, 64, 8, 4),
+        _gemm_cfg(128, 128, 64, 4, 4),
+        _gemm_cfg(64, 128, 64, 4, 4),
+        _gemm_cfg(128, 64, 64, 4, 4),
+        _gemm_cfg(64, 64, 64, 4, 4),
+        _gemm_cfg(16, 128, 128, 4, 4),
+    ],
+    _gemm_cfg(32, 32, 32, 4, 1),
+)

@@ -21,30 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs, dot_precision, upcast_dots
+from ._common import GEMM_CONFIGS, dot_precision, upcast_dots
 
 PART_M = 16  # rows of M per partial-sum row (the smallest BLOCK_M of every config)
 
 
-def _cfg(bm, bn, bk, warps, stages, group=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                         num_warps=warps, num_stages=stages)
-
-
-# Sized for A100 / H100 at LLM shapes (K, N in the thousands) plus narrow tiles for small M.
-_GEMM_CONFIGS = configs(
-    [
-        _cfg(128, 256, 64, 8, 3),
-        _cfg(256, 128, 64, 8, 3),
-        _cfg(128, 128, 64, 8, 4),
-        _cfg(128, 128, 64, 4, 4),
-        _cfg(64, 128, 64, 4, 4),
-        _cfg(128, 64, 64, 4, 4),
-        _cfg(64, 64, 64, 4, 4),
-        _cfg(16, 128, 128, 4, 4),
-    ],
-    _cfg(32, 32, 32, 4, 1),
-)
 
 
 @triton.jit
@@ -53,7 +34,7 @@ def _colsum_parts(prod, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PART_ROWS:
     return tl.sum(tl.reshape(prod, (BLOCK_M // PART_ROWS, PART_ROWS, BLOCK_N)), axis=1)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "SCALE_A", "REDUCE_C"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "SCALE_A", "REDUCE_C"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _ia3_gemm_kernel(

@@ -17,28 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, block_r, configs, dot_precision, upcast_dots
-
-
-def _gemm_cfg(bm, bn, bk, warps, stages, group=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                         num_warps=warps, num_stages=stages)
-
-
-# Sized for A100 / H100 at LLM shapes (K, N in the thousands) plus narrow tiles for small M.
-_GEMM_CONFIGS = configs(
-    [
-        _gemm_cfg(128, 256, 64, 8, 3),
-        _gemm_cfg(256, 128, 64, 8, 3),
-        _gemm_cfg(128, 128, 64, 8, 4),
-        _gemm_cfg(128, 128, 64, 4, 4),
-        _gemm_cfg(64, 128, 64, 4, 4),
-        _gemm_cfg(128, 64, 64, 4, 4),
-        _gemm_cfg(64, 64, 64, 4, 4),
-        _gemm_cfg(16, 128, 128, 4, 4),
-    ],
-    _gemm_cfg(32, 32, 32, 4, 1),
-)
+from ._common import GEMM_CONFIGS, INTERPRET, block_r, configs, dot_precision, upcast_dots
 
 
 @triton.jit
@@ -58,7 +37,7 @@ def _keep(seed, offs_m, n0, row_len, p, BLOCK_N: tl.constexpr):
     return u >= p
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "R"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "R"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _gemm_lora_kernel(
