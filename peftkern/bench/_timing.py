@@ -86,3 +86,32 @@ def environment(device: torch.device) -> dict:
         except ImportError:
             env[name] = None
     return env
+
+
+def measure_train(call, grads, exclude, device: torch.device, quick: bool, timeit=timeit, peak_bytes=peak_bytes):
+    """fwd / bwd / full timings, bytes saved for backward and peak bytes of one training step.
+
+    call(): the forward on fixed inputs; grads: tensors whose .grad is cleared between runs;
+    exclude: tensors (parameters, inputs) not counted as saved activations.
+    """
+    from .._memory import saved_bytes
+
+    y = call()
+    gy = torch.randn_like(y)
+    res = {"y_checksum": y.float().abs().mean().item()}  # same inputs: providers must agree closely
+    del y
+
+    def clear():
+        for t in grads:
+            t.grad = None
+
+    res["fwd"] = timeit(call, device, quick)
+    y = call()
+    res["bwd"] = timeit(lambda y=y: (clear(), y.backward(gy, retain_graph=True)), device, quick)
+    del y
+    res["full"] = timeit(lambda: (clear(), call().backward(gy)), device, quick)
+    clear()
+    res["saved_bytes"] = saved_bytes(call, exclude)
+    res["peak_bytes"] = peak_bytes(lambda: (clear(), call().backward(gy)), device)
+    clear()
+    return res

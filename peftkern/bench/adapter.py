@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from .._memory import saved_bytes
 from ..ops.adapter import CUDA_MAX_R, bottleneck_adapter
+from ._timing import measure_train
 
 _ACT = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu}
 
@@ -105,25 +105,8 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
 def _measure(fn, x0, res0, case, params, device, quick, timeit, peak_bytes):
     x = x0.detach().requires_grad_(True)
     res = None if res0 is None else res0.detach().requires_grad_(True)
-    y = fn(x, res)
-    gy = torch.randn_like(y)
-    out = {"y_checksum": y.float().abs().mean().item()}  # same inputs: providers must agree closely
-    del y
     grads = [t for t in (x, res, *params) if t is not None]
-
-    def clear():
-        for t in grads:
-            t.grad = None
-
-    out["fwd"] = timeit(lambda: fn(x, res), device, quick)
-    y = fn(x, res)
-    out["bwd"] = timeit(lambda y=y: (clear(), y.backward(gy, retain_graph=True)), device, quick)
-    del y
-    out["full"] = timeit(lambda: (clear(), fn(x, res).backward(gy)), device, quick)
-    clear()
-    out["saved_bytes"] = saved_bytes(lambda: fn(x, res), params)
-    out["peak_bytes"] = peak_bytes(lambda: (clear(), fn(x, res).backward(gy)), device)
-    clear()
+    out = measure_train(lambda: fn(x, res), grads, params, device, quick, timeit, peak_bytes)
     elt = x0.element_size()
     out["flops_fwd"] = 4 * case.m * case.d * case.r
     # Compulsory traffic: read x (and the residual), write y, read the weights once.

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend
-from .._memory import saved_bytes
 from ..ops.ia3 import ia3_linear
+from ._timing import measure_train
 
 
 @dataclass
@@ -111,30 +111,10 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
 
 
 def _measure(fn, x0, case, params, device, quick, timeit, peak_bytes):
-    res = {}
     x = x0.detach().requires_grad_(True)
-    y = fn(x)
-    gy = torch.randn_like(y)
-    res["y_checksum"] = y.float().abs().mean().item()  # same inputs: providers must agree closely
-    del y
-    grads = [x, *[t for t in params if t is not None and t.requires_grad]]
-
-    def clear():
-        for t in grads:
-            t.grad = None
-
-    def full():
-        fn(x).backward(gy)
-
-    res["fwd"] = timeit(lambda: fn(x), device, quick)
-    y = fn(x)
-    res["bwd"] = timeit(lambda y=y: (clear(), y.backward(gy, retain_graph=True)), device, quick)
-    del y
-    res["full"] = timeit(lambda: (clear(), full()), device, quick)
-    clear()
-    res["saved_bytes"] = saved_bytes(lambda: fn(x), [p for p in params if p is not None])
-    res["peak_bytes"] = peak_bytes(lambda: (clear(), full()), device)
-    clear()
+    live = [p for p in params if p is not None]
+    res = measure_train(lambda: fn(x), [x, *[p for p in live if p.requires_grad]], live, device, quick, timeit,
+                        peak_bytes)
     res["flops_fwd"] = 2 * case.m * case.d_in * case.d_out
     res["bytes_fwd_min"] = (case.m * (case.d_in + case.d_out) + case.d_in * case.d_out) * x0.element_size()
     return res

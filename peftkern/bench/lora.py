@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend
-from .._memory import saved_bytes
 from ..ops.lora import CUDA_DECODE_MAX_M, lora_linear
+from ._timing import measure_train
 
 
 @dataclass
@@ -118,7 +118,6 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
         x = torch.randn(case.m, case.d_in, device=device, dtype=dtype)
         provs = providers(case, dtype, device, compile_baseline)
         params = provs.pop("_params")
-        modes = ("fwd", "bwd", "full") if case.train else ("fwd",)
         for name, fn in provs.items():
             row = dict(op="lora", case=case.name, provider=name, m=case.m, d_in=case.d_in, d_out=case.d_out,
                        r=case.r, dropout=case.p if case.train else 0.0, dtype=str(dtype).split(".")[-1])
@@ -127,47 +126,21 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
                 continue
             progress(f"lora {case.name} {name}")
             try:
-                row |= _measure(fn, x, case, modes, params, device, quick, timeit, peak_bytes)
+                row |= _measure(fn, x, case, params, device, quick, timeit, peak_bytes)
             except Exception as e:  # a failing provider is reported, not hidden
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
     return rows
 
 
-def _measure(fn, x0, case, modes, params, device, quick, timeit, peak_bytes):
-    res = {}
+def _measure(fn, x0, case, params, device, quick, timeit, peak_bytes):
     if not case.train:
         with torch.no_grad():
-            res["y_checksum"] = fn(x0).float().abs().mean().item()
-            res["fwd"] = timeit(lambda: fn(x0), device, quick)
-        return res
+            return {"y_checksum": fn(x0).float().abs().mean().item(), "fwd": timeit(lambda: fn(x0), device, quick)}
     x = x0.detach().requires_grad_(True)
-    y = fn(x)
-    gy = torch.randn_like(y)
-    res["y_checksum"] = y.float().abs().mean().item()  # same inputs: providers must agree closely
-    del y
-    grads = [x, *[t for t in params if t is not None and t.requires_grad]]
-
-    def clear():
-        for t in grads:
-            t.grad = None
-
-    def full():
-        fn(x).backward(gy)
-
-    for mode in modes:
-        if mode == "fwd":
-            res["fwd"] = timeit(lambda: fn(x), device, quick)
-        elif mode == "bwd":
-            y = fn(x)
-            res["bwd"] = timeit(lambda y=y: (clear(), y.backward(gy, retain_graph=True)), device, quick)
-            del y
-        else:
-            res["full"] = timeit(lambda: (clear(), full()), device, quick)
-    clear()
-    res["saved_bytes"] = saved_bytes(lambda: fn(x), [p for p in params if p is not None])
-    res["peak_bytes"] = peak_bytes(lambda: (clear(), full()), device)
-    clear()
+    live = [p for p in params if p is not None]
+    res = measure_train(lambda: fn(x), [x, *[p for p in live if p.requires_grad]], live, device, quick, timeit,
+                        peak_bytes)
     res["flops_fwd"] = 2 * case.m * case.d_in * case.d_out + 2 * case.m * case.r * (case.d_in + case.d_out)
     res["bytes_fwd_min"] = (case.m * (case.d_in + case.d_out) + case.d_in * case.d_out) * x0.element_size()
     return res

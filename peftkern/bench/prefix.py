@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from .._memory import saved_bytes
 from ..ops.prefix import prefix_attention
 from ..reference.prefix import full_mask
+from ._timing import measure_train
 
 
 @dataclass
@@ -133,25 +133,7 @@ def _visible_pairs(case: Case) -> int:
 
 
 def _measure(fn, ins, case, device, quick, timeit, peak_bytes):
-    res = {}
-    y = fn(*ins)
-    gy = torch.randn_like(y)
-    res["y_checksum"] = y.float().abs().mean().item()  # same inputs: providers (floor aside) agree closely
-    del y
-
-    def clear():
-        for t in ins:
-            t.grad = None
-
-    res["fwd"] = timeit(lambda: fn(*ins), device, quick)
-    y = fn(*ins)
-    res["bwd"] = timeit(lambda y=y: (clear(), y.backward(gy, retain_graph=True)), device, quick)
-    del y
-    res["full"] = timeit(lambda: (clear(), fn(*ins).backward(gy)), device, quick)
-    clear()
-    res["saved_bytes"] = saved_bytes(lambda: fn(*ins), ins)
-    res["peak_bytes"] = peak_bytes(lambda: (clear(), fn(*ins).backward(gy)), device)
-    clear()
+    res = measure_train(lambda: fn(*ins), ins, ins, device, quick, timeit, peak_bytes)
     res["flops_fwd"] = 4 * case.B * case.H * case.D * _visible_pairs(case)
     return res
 
