@@ -4,8 +4,10 @@ Order of authority: `use_backend(...)` context > PEFTKERN_BACKEND env var > "aut
 "auto" picks by device: CUDA tensors try cuda (only if the extension is already built: auto never
 starts a multi-minute compile), then triton, then torch; CPU tensors use torch. A backend that
 cannot take a call says why; the call then falls back to the next backend in that order and the
-fallback is logged once per (op, backend, reason). PEFTKERN_STRICT=1 turns every fallback into an
-error, so a test can prove which kernel ran.
+fallback is logged once per (op, backend, reason): at WARNING when the user named the backend or
+when a CUDA tensor lands on the torch reference, at INFO for auto's ordinary choices (cuda -> triton).
+PEFTKERN_STRICT=1 turns a fallback from an explicitly requested backend into an error, so a test can
+prove which kernel ran.
 """
 
 from __future__ import annotations
@@ -95,6 +97,15 @@ def cuda_unavailable(device: torch.device, build_if_missing: bool) -> str | None
     return None if ok else why
 
 
+def backward_backend(cuda_backward: bool) -> str:
+    """The backend a backward op should use, captured while the forward runs (autograd runs CUDA
+    backward on its own thread, where use_backend() is not set; a compiled backward bakes it in as
+    an op argument). Ops whose backward has no CUDA C++ kernel run the Triton backward for "cuda":
+    that is the cuda backend's design, not a fallback."""
+    req = requested_backend()
+    return "triton" if req == "cuda" and not cuda_backward else req
+
+
 def _auto_order(device: torch.device) -> tuple[str, ...]:
     return ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
 
@@ -124,13 +135,13 @@ def dispatch(op: str, device: torch.device, impls: dict[str, Callable[[], str | 
             why = impls[name]()
         if why is None:
             if reasons:
-                _note_fallback(op, req, name, reasons)
+                _note_fallback(op, req, name, reasons, device)
             return name
         reasons.append((name, why))
     raise BackendUnavailable(f"peftkern.{op}: no backend can take this call: {reasons}")
 
 
-def _note_fallback(op: str, req: str, chosen: str, reasons: list[tuple[str, str]]) -> None:
+def _note_fallback(op: str, req: str, chosen: str, reasons: list[tuple[str, str]], device) -> None:
     explicit = req != "auto"
     first, why = reasons[0]
     if explicit and strict():
@@ -139,5 +150,5 @@ def _note_fallback(op: str, req: str, chosen: str, reasons: list[tuple[str, str]
     if key in _logged:
         return
     _logged.add(key)
-    level = logging.WARNING if explicit else logging.INFO
+    level = logging.WARNING if explicit or (chosen == "torch" and device.type == "cuda") else logging.INFO
     log.log(level, "peftkern.%s: %s backend cannot take this call (%s); using %s", op, first, why, chosen)

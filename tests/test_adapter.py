@@ -198,7 +198,7 @@ def test_opcheck(backend, residual):
         for need_dx, need_params in ((True, True), (False, True), (True, False)):
             torch.library.opcheck(torch.ops.peftkern.bottleneck_adapter_backward.default,
                                   (dy, x.detach(), z, dw.detach(), uw.detach(), "silu", 0.5, residual, need_dx,
-                                   need_params))
+                                   need_params, backend))
 
 
 def test_compile_fullgraph():
@@ -253,3 +253,18 @@ def test_saved_bytes_vs_eager(act, pdt):
     z_bytes = m * r * ref.compute_dtype(x.dtype, pdt).itemsize
     assert ours == x.numel() * x.element_size() + z_bytes, ours
     assert ours <= eager if act == "relu" else ours < eager, (ours, eager)
+
+
+def test_backward_runs_on_the_forwards_backend(monkeypatch):
+    """The backward follows the forward's backend even where autograd runs it outside the context."""
+    from peftkern.ops import adapter as adapter_op
+
+    calls = []
+    real = adapter_op.ref.bottleneck_adapter_bwd
+    monkeypatch.setattr(adapter_op.ref, "bottleneck_adapter_bwd", lambda *a: calls.append(1) or real(*a))
+    x, dw, db, uw, ub, res = make_inputs((5,), 24, 4, torch.float32)
+    with peftkern.use_backend("torch"):
+        y = bottleneck_adapter(x, dw, db, uw, ub)
+    with peftkern.use_backend("triton"):
+        y.sum().backward()
+    assert calls == [1]

@@ -327,23 +327,56 @@ def test_dropout_mask_same_in_every_kernel(p):
     epilogue) must draw exactly the mask `dropout_keep` materializes, whatever its tile sizes."""
     from peftkern.triton import lora as tri
 
-    m, n, seed = 64, 64, 4321
+    m, n, seed = 37, 101, 4321  # ragged in both dims, not a multiple of 4 or of any tile
     keep = tri.dropout_keep(m, n, p, seed, DEVICE).float()
     ones = torch.ones(m, n, device=DEVICE)
     eye = torch.eye(n, device=DEVICE)
+    eye_m = torch.eye(m, device=DEVICE)
     prec = "ieee"
     # shrink: t = drop(1) · Iᵀ / (1-p)... with scale 1 the kept entries are exactly 1.
     t = tri.shrink(ones, eye.stride(), eye, n, 1.0, p, seed, prec)
     torch.testing.assert_close(t, keep, rtol=0, atol=0)
     # tn: P[k, r] = Σ_m drop(1)[m, k] · I[m, r] = keep[r, k].
-    torch.testing.assert_close(tri.tn(ones, eye, 1.0, p, seed, prec).t(), keep, rtol=0, atol=0)
+    torch.testing.assert_close(tri.tn(ones, eye_m, 1.0, p, seed, prec).t(), keep, rtol=0, atol=0)
     # GEMM epilogue (dx path) and the in-place epilogue: lora term = 1 everywhere, masked.
     col = torch.ones(m, 1, device=DEVICE)
     row = torch.ones(n, 1, device=DEVICE)
-    zeros = torch.zeros(m, 8, device=DEVICE)
-    w = torch.zeros(n, 8, device=DEVICE)
+    zeros = torch.zeros(m, 16, device=DEVICE)
+    w = torch.zeros(n, 16, device=DEVICE)
     out = tri.gemm_lora(zeros, w, w.stride(), col, row, row.stride(), None, torch.float32, n, 1.0, p, seed)
     torch.testing.assert_close(out, keep, rtol=0, atol=0)
     out = tri.lora_epilogue_(torch.zeros(m, n, device=DEVICE), col, row, row.stride(), None, 1.0, p, seed)
     torch.testing.assert_close(out, keep, rtol=0, atol=0)
     assert 0.0 < keep.mean().item() < 1.0
+
+
+def test_backward_runs_on_the_forwards_backend(monkeypatch):
+    """The backward follows the forward's backend even where autograd runs it outside the context."""
+    from peftkern.ops import lora as lora_op
+
+    calls = []
+    real = lora_op.ref.lora_linear_bwd
+    monkeypatch.setattr(lora_op.ref, "lora_linear_bwd", lambda *a: calls.append(1) or real(*a))
+    x, w, b, a, bb = make_inputs((5,), 24, 20, 4, torch.float32, torch.float32, True)
+    with peftkern.use_backend("torch"):
+        y = peftkern.ops.lora_linear(x, w, b, a, bb, 0.5)
+    with peftkern.use_backend("triton"):
+        y.sum().backward()
+    assert calls == [1]
+
+
+def test_rank_above_128_goes_to_the_reference_and_says_so(monkeypatch):
+    import logging
+
+    monkeypatch.delenv("PEFTKERN_STRICT")
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: records.append(rec.getMessage())
+    logging.getLogger("peftkern").addHandler(handler)
+    try:
+        x, w, b, a, bb = make_inputs((6,), 160, 150, 130, torch.float32, torch.float32, True)
+        with peftkern.use_backend("triton"):
+            peftkern.ops.lora_linear(x, w, b, a, bb, 0.5).sum().backward()
+    finally:
+        logging.getLogger("peftkern").removeHandler(handler)
+    assert any("r=130 > 128" in m for m in records), records

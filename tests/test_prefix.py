@@ -148,10 +148,8 @@ def test_cuda_prefix_grad_reduce(dtype, D):
         out, lse = torch.ops.peftkern.prefix_attention(*leaves, mask, True, scale)
     gout = torch.randn_like(out)
     args = (gout, *leaves, out, lse, mask, True, scale)
-    with peftkern.use_backend("triton"):
-        want = torch.ops.peftkern.prefix_attention_backward(*args)
-    with peftkern.use_backend("cuda"):
-        got = torch.ops.peftkern.prefix_attention_backward(*args)
+    want = torch.ops.peftkern.prefix_attention_backward(*args, "triton")
+    got = torch.ops.peftkern.prefix_attention_backward(*args, "cuda")
     for name, g, w in zip(NAMES, got, want):
         assert g.dtype == w.dtype and g.shape == w.shape, name
         torch.testing.assert_close(g, w, rtol=0, atol=0 if name[1] != "p" else 2e-3 * w.abs().max().item())
@@ -205,7 +203,7 @@ def test_opcheck(backend, shared):
         torch.library.opcheck(torch.ops.peftkern.prefix_attention.default, (q, k, v, pk, pv, mask, True, 0.25))
         with torch.no_grad():
             out, lse = torch.ops.peftkern.prefix_attention(q, k, v, pk, pv, mask, True, 0.25)
-        args = (torch.randn_like(out), *[t.detach() for t in leaves], out, lse, mask, True, 0.25)
+        args = (torch.randn_like(out), *[t.detach() for t in leaves], out, lse, mask, True, 0.25, backend)
         torch.library.opcheck(torch.ops.peftkern.prefix_attention_backward.default, args)
 
 

@@ -76,14 +76,14 @@ def _(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scali
 @torch.library.custom_op("peftkern::bottleneck_adapter_backward", mutates_args=())
 def bottleneck_adapter_backward_op(
     dy: Tensor, x: Tensor, z: Tensor, down_weight: Tensor, up_weight: Tensor, activation: str, scaling: float,
-    has_residual: bool, need_dx: bool, need_params: bool,
+    has_residual: bool, need_dx: bool, need_params: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, d_down_w, d_down_b, d_up_w, d_up_b). dx includes dy when has_residual is False (x was
     the residual). A gradient not asked for (need_dx / need_params False) is an empty (0,) tensor."""
     d = x.shape[-1]
     x2d = x.reshape(-1, d)
     dy2d = dy.reshape(-1, d)
-    backend = _backend.dispatch("bottleneck_adapter_backward", x.device, _bwd_backends())
+    backend = _backend.dispatch("bottleneck_adapter_backward", x.device, _bwd_backends(), requested=backend)
     if backend == "triton":
         cdt = ref.compute_dtype(x.dtype, down_weight.dtype)
         out = _triton().bottleneck_adapter_bwd(dy2d, x2d, z, down_weight, up_weight, activation, scaling,
@@ -98,7 +98,7 @@ def bottleneck_adapter_backward_op(
 
 
 @bottleneck_adapter_backward_op.register_fake
-def _(dy, x, z, down_weight, up_weight, activation, scaling, has_residual, need_dx, need_params):
+def _(dy, x, z, down_weight, up_weight, activation, scaling, has_residual, need_dx, need_params, backend):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     r, d = down_weight.shape
     if not need_params:
@@ -116,6 +116,8 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling = scaling
     ctx.has_residual = residual is not None
     ctx.has_bias = (down_bias is not None, up_bias is not None)
+    ctx.backend = _backend.backward_backend(cuda_backward=False)
+    ctx.mark_non_differentiable(z)  # z is saved for backward, not a result to differentiate
 
 
 def _backward(ctx, dy, _dz):
@@ -127,7 +129,7 @@ def _backward(ctx, dy, _dz):
         return None, None, None, None, None, d_res, None, None
     dx, d_dw, d_db, d_uw, d_ub = torch.ops.peftkern.bottleneck_adapter_backward(
         dy.contiguous(), x, z, down_weight, up_weight, ctx.activation, ctx.scaling, ctx.has_residual, need_x,
-        need_params)
+        need_params, ctx.backend)
     pick = lambda need, g, has=True: g if (need and has) else None
     return (pick(need_x, dx), pick(need_dw, d_dw), pick(need_db, d_db, ctx.has_bias[0]), pick(need_uw, d_uw),
             pick(need_ub, d_ub, ctx.has_bias[1]), d_res, None, None)

@@ -33,15 +33,20 @@ def _fwd_backends(x2d, weight, lora_A, p):
             return f"the cuda decode kernel takes M <= {CUDA_DECODE_MAX_M} rows, got {x2d.shape[0]}"
         if lora_A.shape[0] > 128:
             return "the cuda decode kernel takes rank r <= 128"
+        if lora_A.dtype not in (torch.float32, x2d.dtype):
+            return "the cuda decode kernel takes adapters in fp32 or in x's dtype"
         if not weight.is_contiguous():
             return "the cuda decode kernel reads a contiguous weight (copying it per call would cost more)"
         return None  # it also returns t, so a backward (on triton) still works
 
-    return {"torch": lambda: None, "triton": lambda: None, "cuda": cuda_ok}
+    r = lora_A.shape[0]
+    too_big = f"the Triton LoRA kernels hold the rank in one tile: r={r} > 128" if r > 128 else None
+    return {"torch": lambda: None, "triton": lambda: too_big, "cuda": cuda_ok}
 
 
-def _bwd_backends():
-    return {"torch": lambda: None, "triton": lambda: None}
+def _bwd_backends(r):
+    too_big = f"the Triton LoRA kernels hold the rank in one tile: r={r} > 128" if r > 128 else None
+    return {"torch": lambda: None, "triton": lambda: too_big}
 
 
 @torch.library.custom_op("peftkern::lora_linear", mutates_args=())
@@ -80,7 +85,7 @@ def lora_linear_backward_op(
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])
     s = int(seed.item()) if seed is not None else 0
-    backend = _backend.dispatch("lora_linear_backward", x.device, _bwd_backends(), requested=backend)
+    backend = _backend.dispatch("lora_linear_backward", x.device, _bwd_backends(lora_A.shape[0]), requested=backend)
     impl = _triton().lora_linear_bwd if backend == "triton" else ref.lora_linear_bwd
     dx, d_a, d_b = impl(dy2d, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, s, need_dx)
     dx = dx.reshape(x.shape) if need_dx else x.new_empty((0,))
@@ -90,7 +95,7 @@ def lora_linear_backward_op(
 @lora_linear_backward_op.register_fake
 def _(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_dx, backend):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
-    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -100,7 +105,8 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
     ctx.has_bias = bias is not None
-    ctx.backend = _backend.requested_backend()
+    ctx.backend = _backend.backward_backend(cuda_backward=False)
+    ctx.mark_non_differentiable(t)  # t is saved for backward, not a result to differentiate
 
 
 def _backward(ctx, dy, _dt):

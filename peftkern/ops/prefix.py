@@ -58,10 +58,11 @@ def _bwd_backends(q, k, prefix_k):
 @torch.library.custom_op("peftkern::prefix_attention_backward", mutates_args=())
 def prefix_attention_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, out: Tensor, lse: Tensor,
-    key_padding_mask: Tensor | None, causal: bool, softmax_scale: float,
+    key_padding_mask: Tensor | None, causal: bool, softmax_scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dprefix_k, dprefix_v)."""
-    backend = _backend.dispatch("prefix_attention_backward", q.device, _bwd_backends(q, k, prefix_k))
+    """Returns (dq, dk, dv, dprefix_k, dprefix_v). `backend` is the one requested around the forward."""
+    backend = _backend.dispatch("prefix_attention_backward", q.device, _bwd_backends(q, k, prefix_k),
+                                requested=backend)
     args = (dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, softmax_scale)
     if backend == "torch":
         return ref.prefix_attention_bwd(*args)
@@ -71,7 +72,7 @@ def prefix_attention_backward_op(
 
 
 @prefix_attention_backward_op.register_fake
-def _(dout, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, causal, softmax_scale):
+def _(dout, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, causal, softmax_scale, backend):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), prefix_k.new_empty(prefix_k.shape),
             prefix_v.new_empty(prefix_v.shape))
 
@@ -82,15 +83,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask)
     ctx.causal = causal
     ctx.softmax_scale = softmax_scale
-    # Autograd runs CUDA backward on its own thread, where the forward's use_backend() is not set.
-    ctx.backend = _backend.requested_backend()
+    ctx.backend = _backend.backward_backend(cuda_backward=True)
+    ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask = ctx.saved_tensors
-    with _backend.use_backend(ctx.backend):
-        grads = torch.ops.peftkern.prefix_attention_backward(
-            dout, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, ctx.causal, ctx.softmax_scale)
+    grads = torch.ops.peftkern.prefix_attention_backward(
+        dout, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, ctx.causal, ctx.softmax_scale, ctx.backend)
     need = ctx.needs_input_grad
     return (*[g if need[i] else None for i, g in enumerate(grads)], None, None, None)
 

@@ -66,8 +66,9 @@ def _gemm_lora_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
     rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
-    x_ptrs = X + rm[:, None] * sxm + offs_k[None, :] * sxk
-    w_ptrs = W + rn[None, :] * swn + offs_k[:, None] * swk
+    # 64-bit row offsets: M x K passes 2^31 elements at LLM sizes (e.g. 150k tokens x 14336).
+    x_ptrs = X + rm.to(tl.int64)[:, None] * sxm + offs_k[None, :] * sxk
+    w_ptrs = W + rn.to(tl.int64)[None, :] * swn + offs_k[:, None] * swk
 
     # Prologue: the rank-r LoRA term (+ mask, + bias) initialises the accumulator, so the main
     # loop accumulates onto it and no second BLOCK_M x BLOCK_N fp32 tile stays live (it spilled).
@@ -95,7 +96,7 @@ def _gemm_lora_kernel(
         x_ptrs += BLOCK_K * sxk
         w_ptrs += BLOCK_K * swk
 
-    out_ptrs = OUT + offs_m[:, None] * som + offs_n[None, :] * son
+    out_ptrs = OUT + offs_m.to(tl.int64)[:, None] * som + offs_n[None, :] * son
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
 
@@ -133,7 +134,7 @@ def _shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
-        x = tl.load(X + offs_m[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :],
+        x = tl.load(X + offs_m.to(tl.int64)[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
         if HAS_DROPOUT:
             x = tl.where(_keep(seed, offs_m, k0, K, p, BLOCK_K), x, 0.0)
@@ -178,7 +179,7 @@ def _tn_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < m_hi
         # X tile loaded transposed: (BLOCK_N, BLOCK_M).
-        xt = tl.load(X + offs_m[None, :] * sxm + offs_n[:, None] * sxn, mask=n_ok[:, None] & m_ok[None, :],
+        xt = tl.load(X + offs_m.to(tl.int64)[None, :] * sxm + offs_n[:, None] * sxn, mask=n_ok[:, None] & m_ok[None, :],
                      other=0.0).to(tl.float32)
         if HAS_DROPOUT:
             xt = tl.where(tl.trans(_keep(seed, offs_m, pid_n * BLOCK_N, N, p, BLOCK_N)), xt, 0.0)
@@ -199,7 +200,8 @@ _EPI_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_EPI_CONFIGS, key=["N", "R"])
+# restore_value: the kernel adds into OUT, so autotuning must not run it twice on the same buffer.
+@triton.autotune(configs=_EPI_CONFIGS, key=["N", "R"], restore_value=["OUT"])
 @triton.jit
 def _lora_epilogue_kernel(
     OUT, T, U, BIAS,
@@ -224,7 +226,7 @@ def _lora_epilogue_kernel(
         lora = tl.where(_keep(seed, offs_m, tl.program_id(1) * BLOCK_N, N, p, BLOCK_N), lora, 0.0)
     if HAS_BIAS:
         lora += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    ptrs = OUT + offs_m[:, None] * som + offs_n[None, :] * son
+    ptrs = OUT + offs_m.to(tl.int64)[:, None] * som + offs_n[None, :] * son
     mask = m_ok[:, None] & n_ok[None, :]
     out = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + lora
     tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=mask)
@@ -269,7 +271,7 @@ def gemm_lora(x2d, w, w_nk_strides, t, u, u_nr_strides, bias, out_dtype, N, scal
         t.stride(0), t.stride(1), u_nr_strides[0], u_nr_strides[1], out.stride(0), out.stride(1),
         scaling, _seed_int(seed), p,
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0,
-        PREC_MAIN=dot_precision(x2d.dtype), PREC_LORA=dot_precision(x2d.dtype),
+        PREC_MAIN=dot_precision(x2d.dtype), PREC_LORA=dot_precision(torch.float32),
         UPCAST=upcast_dots(x2d.dtype), BLOCK_R=block_r(r),
     )
     return out
@@ -287,7 +289,7 @@ def lora_epilogue_(out, t, u, u_nr_strides, bias, scaling, p, seed):
         M, N, r,
         out.stride(0), out.stride(1), t.stride(0), t.stride(1), u_nr_strides[0], u_nr_strides[1],
         scaling, _seed_int(seed), p,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, PREC=dot_precision(out.dtype), BLOCK_R=block_r(r),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, PREC=dot_precision(torch.float32), BLOCK_R=block_r(r),
     )
     return out
 
@@ -336,7 +338,7 @@ def tn(x2d, t, scale, p, seed, prec):
 
 def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
     """Returns (y, t): y (M, out) in x's dtype, t = drop(x) Aᵀ (M, r) fp32."""
-    prec = dot_precision(x2d.dtype)
+    prec = dot_precision(torch.float32)  # the skinny dots upcast their operands to fp32
     r = lora_A.shape[0]
     inv_keep = 1.0 / (1.0 - p)
     t = shrink(x2d, lora_A.stride(), lora_A, r, inv_keep, p, seed, prec)
@@ -350,7 +352,7 @@ def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
 
 def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_dx):
     """Returns (dx or None, dA, dB) as the reference backward does."""
-    prec = dot_precision(dy.dtype)
+    prec = dot_precision(torch.float32)  # the skinny dots upcast their operands to fp32
     r = lora_A.shape[0]
     inv_keep = 1.0 / (1.0 - p)
     # dt = s · dy B: B is (out, r), read as A[r, k] = B[k, r].
