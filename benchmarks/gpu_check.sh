@@ -36,6 +36,11 @@ if [[ $stage == all || $stage == tests ]]; then
   trc=$?; [[ $trc == 0 ]] || rc=1
   echo "pytest exit $trc"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 5
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20
+  # Users run the autotuned kernels: check the paths where tuning itself could corrupt results.
+  timeout 240 $PY -m pytest -q -p no:cacheprovider --tb=short -p no:logging ${TUNED_TESTS:-\
+    tests/test_lora.py::test_triton_gemm_modes tests/test_lora.py::test_dropout_mask_same_in_every_kernel} \
+    > "$OUT/tests_tuned.log" 2>&1 || { rc=1; echo "TUNED TESTS FAILED (tests_tuned.log)"; }
+  tail -n 2 "$OUT/tests_tuned.log"
 fi
 
 if [[ $stage == all || $stage == bench ]]; then

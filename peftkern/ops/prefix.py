@@ -104,6 +104,8 @@ def _check(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, softmax_scale)
     _validate.tensor("v", v, ndim=4)
     _validate.tensor("prefix_k", prefix_k)
     _validate.tensor("prefix_v", prefix_v)
+    if key_padding_mask is not None and not isinstance(key_padding_mask, torch.Tensor):
+        raise TypeError("key_padding_mask must be a bool tensor (True = attend)")
     _validate.same_device(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, key_padding_mask=key_padding_mask)
     B, H, L, D = q.shape
     if tuple(k.shape[:1]) != (B,) or k.shape[3] != D:
