@@ -27,6 +27,9 @@ CUDA_DECODE_MAX_M = 16
 
 def _fwd_backends(x2d, weight, lora_A, p):
     def cuda_ok():
+        if _backend.requested_backend() == "auto":
+            # Opt-in until the current decode kernel has run on a GPU (benchmarks/NOTES.md).
+            return "the cuda LoRA decode kernel is opt-in (PEFTKERN_BACKEND=cuda) until verified on a GPU"
         if p > 0.0:
             return "the cuda decode kernel has no dropout (it serves inference)"
         if x2d.shape[0] > CUDA_DECODE_MAX_M:

@@ -32,8 +32,9 @@ struct LoraDecodeArgs {
   DType adapter_dtype = DType::kFloat32;
 };
 
-// Launches on `stream` (the current device must be the tensors' device). Returns the launch
-// status (cudaSuccess, or the error from configuring / launching the kernel).
+// Launches on `stream` (the current device must be the tensors' device): a shrink kernel (t) and
+// the main kernel (y), the latter with programmatic dependent launch on sm_90+. Returns the
+// launch status (cudaSuccess, or the error from configuring / launching a kernel).
 cudaError_t lora_decode_launch(const LoraDecodeArgs& args, cudaStream_t stream);
 
 }  // namespace peftkern

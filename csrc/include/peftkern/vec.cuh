@@ -16,9 +16,13 @@ namespace peftkern {
 // Read-only, streamed once: bypass L1 allocation (the weight matrix in a GEMV).
 __device__ __forceinline__ uint4 ld_stream_v4(const void* p) {
   uint4 v;
+#if defined(__CUDA_ARCH__)
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
+#else
+  v = *reinterpret_cast<const uint4*>(p);  // host pass / host-side emulation of the kernels
+#endif
   return v;
 }
 
