@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import _backend
 from ..ops import lora as _lora_ops
+from . import peft_ia3 as _ia3
 
 log = logging.getLogger("peftkern")
 
@@ -46,10 +47,13 @@ class Summary:
     patched: int = 0
     fused_now: int = 0
     reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    ia3_layers: int = 0
+    ia3_fused_now: int = 0
 
     def __str__(self) -> str:
         why = "; ".join(f"{r}: {n}" for r, n in self.reasons.most_common())
-        return (f"{self.fused_now} of {self.lora_layers} LoRA layers run peftkern's fused op"
+        ia3 = f", {self.ia3_fused_now} of {self.ia3_layers} IA3 layers" if self.ia3_layers else ""
+        return (f"{self.fused_now} of {self.lora_layers} LoRA layers{ia3} run peftkern's fused ops"
                 + (f"; the others keep peft's forward ({why})" if why else ""))
 
 
@@ -251,8 +255,9 @@ def _patchable(mod) -> str | None:
 
 def accelerate(model: nn.Module) -> Summary:
     """Route every peft `lora.Linear` layer of `model` (a `PeftModel` or any model with peft LoRA layers
-    injected) through peftkern's fused LoRA op, in place. Calling it again is harmless; layers added later
-    (a new adapter on new target modules) need another call. Logs one summary line on logger "peftkern"."""
+    injected) through peftkern's fused LoRA op, and every peft `ia3.Linear` through `ia3_linear`, in place.
+    Calling it again is harmless; layers added later (a new adapter on new target modules) need another call.
+    Logs one summary line on logger "peftkern"."""
     summary = Summary()
     for _, mod in _lora_layers(model):
         summary.lora_layers += 1
@@ -270,6 +275,16 @@ def accelerate(model: nn.Module) -> Summary:
             summary.fused_now += 1
         else:
             summary.reasons[now] += 1
+    for mod in _ia3.layers(model):
+        summary.ia3_layers += 1
+        why = _ia3.patchable(mod)
+        if why is None:
+            _ia3.patch(mod)
+            why = _ia3.state_why_not(mod)
+        if why is None:
+            summary.ia3_fused_now += 1
+        else:
+            summary.reasons[why or "IA3 adapter disabled, merged or inactive"] += 1
     log.info("peftkern.accelerate(%s): %s", type(model).__name__, summary)
     return summary
 
@@ -286,14 +301,14 @@ def _state_why_not(layer) -> str | None:
 
 
 def restore(model: nn.Module) -> int:
-    """Undo `accelerate`: every patched layer runs peft's own forward again. Returns how many were restored."""
+    """Undo `accelerate`: every patched LoRA / IA3 layer runs peft's own forward again. Returns how many."""
     n = 0
     for _, mod in _lora_layers(model):
         if getattr(mod, _MARK, False):
             mod.__dict__.pop("forward", None)
             delattr(mod, _MARK)
             n += 1
-    return n
+    return n + sum(_ia3.unpatch(mod) for mod in _ia3.layers(model))
 
 
 def is_accelerated(module: nn.Module) -> bool:

@@ -1,0 +1,106 @@
+"""peft IA3 layers through `peftkern.ops.ia3.ia3_linear`: patched by `peftkern.accelerate`, undone by `restore`.
+
+Semantics of peft 0.21's `ia3.Linear.forward` (one active adapter with vector l):
+    k/v (is_feedforward False):   result = (base_layer(x) * l).to(result dtype)   — l also scales the bias
+    feed-forward (True):          result = base_layer((x.to(l.dtype) * l).to(x.dtype))
+The op takes peft's own parameter (shape (out, 1) or (1, in)), so gradients land on `ia3_l[adapter]` and
+save_pretrained / merge_and_unload / set_adapter keep working. Anything else (several active adapters,
+extra arguments, autocast, quantized or hooked bases, merged or disabled adapters) runs peft's forward; a
+real fallback is logged once per reason and raises under PEFTKERN_STRICT=1.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from ..ops import ia3 as _ia3_ops
+
+_MARK = "_peftkern_accelerated"
+
+
+def layers(model: nn.Module):
+    from peft.tuners.ia3 import IA3Layer
+
+    return [m for m in model.modules() if isinstance(m, IA3Layer)]
+
+
+def patchable(mod) -> str | None:
+    from peft.tuners.ia3 import Linear
+
+    if not isinstance(mod, Linear) or type(mod).forward is not Linear.forward:
+        return f"{type(mod).__name__} IA3 layer (only peft's ia3.Linear is fused)"
+    if "forward" in mod.__dict__ and not getattr(mod, _MARK, False):
+        return "forward already replaced by another library (e.g. accelerate hooks)"
+    return None
+
+
+def _active(layer) -> list[str]:
+    return [a for a in layer.active_adapters if a in layer.ia3_l]
+
+
+def state_why_not(layer) -> str | None:
+    """Input-independent reason the fused path cannot serve this layer now; "" when peft's forward is just
+    the base layer (disabled, merged, nothing active)."""
+    from .peft import _base_kind, _plain_weight
+
+    if layer.disable_adapters or layer.merged:
+        return ""
+    active = _active(layer)
+    if not active:
+        return ""
+    if len(active) > 1:
+        return "several active IA3 adapters"
+    base = layer.base_layer
+    if _base_kind(base) is None:
+        return f"base layer {type(base).__name__} (or its forward is hooked/overridden)"
+    if not _plain_weight(base.weight) or (base.bias is not None and not _plain_weight(base.bias)):
+        return f"base weight is a {type(base.weight).__name__} of {base.weight.dtype} (quantized or sharded)"
+    if not _plain_weight(layer.ia3_l[active[0]]):
+        return "ia3_l is not a dense float tensor"
+    return None
+
+
+def _why_not(layer, x, args, kwargs) -> str | None:
+    if args or kwargs:
+        return "extra arguments to the IA3 layer"
+    why = state_why_not(layer)
+    if why is not None:
+        return why
+    w = layer.base_layer.weight
+    if not isinstance(x, torch.Tensor) or x.dtype != w.dtype:
+        return "input is not a tensor of the base weight's dtype"
+    if x.device != w.device:
+        return "input and base weight are on different devices"
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast (IA3 under autocast keeps peft's forward)"
+    return None
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    from .peft import _base_kind, _note_fallback
+
+    why = _why_not(self, x, args, kwargs)
+    if why is not None:
+        if why:
+            _note_fallback(why)
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.base_layer
+    w = base.weight.t() if _base_kind(base) == "conv1d" else base.weight  # Conv1D stores (in, out)
+    return _ia3_ops.ia3_linear(x, w, base.bias, self.ia3_l[_active(self)[0]], feedforward=bool(self.is_feedforward))
+
+
+def patch(mod) -> None:
+    if not getattr(mod, _MARK, False):
+        mod.forward = types.MethodType(_fused_forward, mod)
+        setattr(mod, _MARK, True)
+
+
+def unpatch(mod) -> bool:
+    if getattr(mod, _MARK, False):
+        mod.__dict__.pop("forward", None)
+        delattr(mod, _MARK)
+        return True
+    return False
