@@ -380,3 +380,27 @@ def test_rank_above_128_goes_to_the_reference_and_says_so(monkeypatch):
     finally:
         logging.getLogger("peftkern").removeHandler(handler)
     assert any("r=130 > 128" in m for m in records), records
+
+
+def test_compile_inductor_matches_eager(monkeypatch):
+    """Inductor (not only aot_eager) trusts the fake kernels' shapes, dtypes and strides. Inductor draws
+    random numbers its own way (so the dropout seed differs from eager's) unless fallback_random is set."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    x, w, b, a, bb = make_inputs((2, 9), 32, 24, 4, torch.float32, torch.float32, True)
+
+    def step(x, a, bb):
+        return (peftkern.ops.lora_linear(x, w, b, a, bb, 0.5, 0.1) * 2.0).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    with peftkern.use_backend("torch"):
+        torch.manual_seed(5)
+        loss_c = compiled(x, a, bb)
+        g_c = torch.autograd.grad(loss_c, [x, a, bb])
+        torch.manual_seed(5)
+        loss_e = step(x, a, bb)
+        g_e = torch.autograd.grad(loss_e, [x, a, bb])
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(g_c, g_e):
+        torch.testing.assert_close(gc, ge)
