@@ -36,6 +36,26 @@ def number(name: str, v) -> None:
         raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
 
 
+def linear_base(x, weight, bias) -> tuple[int, int]:
+    """Checks x (..., in), weight (out, in), bias (out,) or None as a frozen linear takes them;
+    returns (out, in)."""
+    tensor("x", x, min_ndim=1)
+    tensor("weight", weight, ndim=2)
+    if bias is not None:
+        tensor("bias", bias, ndim=1)
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects in={in_f}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}: cast x to the base layer's dtype")
+    if bias is not None:
+        if bias.shape[0] != out_f:
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_f},)")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}")
+    return out_f, in_f
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     tensor("x", x, min_ndim=1)
     tensor("weight", weight, ndim=2)
@@ -46,17 +66,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     number("scaling", scaling)
     probability("dropout_p", dropout_p)
     same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    out_f, in_f = weight.shape
+    out_f, in_f = linear_base(x, weight, bias)
     r = lora_A.shape[0]
-    if x.shape[-1] != in_f:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects in={in_f}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}: cast x to the base layer's dtype")
-    if bias is not None:
-        if bias.shape[0] != out_f:
-            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_f},)")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}")
     if lora_A.shape[1] != in_f:
         raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}, expected (r, {in_f})")
     if tuple(lora_B.shape) != (out_f, r):

@@ -173,16 +173,7 @@ def _check(x, weight, bias, ia3_l, feedforward) -> None:
     if not isinstance(feedforward, bool):
         raise TypeError(f"feedforward must be a bool, got {type(feedforward).__name__}")
     _validate.same_device(x=x, weight=weight, bias=bias, ia3_l=ia3_l)
-    out_f, in_f = weight.shape
-    if x.shape[-1] != in_f:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects in={in_f}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}: cast x to the base layer's dtype")
-    if bias is not None:
-        if bias.shape[0] != out_f:
-            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_f},)")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}")
+    out_f, in_f = _validate.linear_base(x, weight, bias)
     want = in_f if feedforward else out_f
     if ia3_l.shape[0] != want:
         what = "in (feedforward=True scales the input)" if feedforward else "out (feedforward=False scales the output)"
