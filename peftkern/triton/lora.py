@@ -37,12 +37,12 @@ def _keep(seed, offs_m, n0, row_len, p, BLOCK_N: tl.constexpr):
     return u >= p
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "R"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "R", "M_KEY"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _gemm_lora_kernel(
     X, W, T, U, BIAS, OUT,
-    M, N, K, R,
+    M, N, K, R, M_KEY,
     sxm, sxk, swn, swk, stm, str_, sun, sur, som, son,
     scaling, seed, p,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -112,11 +112,11 @@ _SHRINK_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_SHRINK_CONFIGS, key=["K", "R"])
+@triton.autotune(configs=_SHRINK_CONFIGS, key=["K", "R", "M_KEY"])
 @triton.jit
 def _shrink_kernel(
     X, A, T,
-    M, K, R,
+    M, K, R, M_KEY,
     sxm, sxk, sar, sak, stm, str_,
     scale, seed, p,
     HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
@@ -155,11 +155,11 @@ _TN_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_TN_CONFIGS, key=["N", "R", "SPLIT"])
+@triton.autotune(configs=_TN_CONFIGS, key=["N", "R", "SPLIT", "M_KEY"])
 @triton.jit
 def _tn_kernel(
     X, T, P,
-    M, N, R, rows_per_split,
+    M, N, R, rows_per_split, M_KEY,
     sxm, sxn, stm, str_,
     scale, seed, p,
     SPLIT: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
@@ -201,11 +201,11 @@ _EPI_CONFIGS = configs(
 
 
 # restore_value: the kernel adds into OUT, so autotuning must not run it twice on the same buffer.
-@triton.autotune(configs=_EPI_CONFIGS, key=["N", "R"], restore_value=["OUT"])
+@triton.autotune(configs=_EPI_CONFIGS, key=["N", "R", "M_KEY"], restore_value=["OUT"])
 @triton.jit
 def _lora_epilogue_kernel(
     OUT, T, U, BIAS,
-    M, N, R,
+    M, N, R, M_KEY,
     som, son, stm, str_, sun, sur,
     scaling, seed, p,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
@@ -235,6 +235,11 @@ def _lora_epilogue_kernel(
 # ---------------------------------------------------------------- launchers
 
 
+def m_key(M: int) -> int:
+    """Autotune key for the row count: tiles tuned on a decode step (M=1) must not serve training."""
+    return min(triton.next_power_of_2(max(M, 1)), 8192)
+
+
 def _seed_int(seed) -> int:
     return 0 if seed is None else int(seed)
 
@@ -248,7 +253,7 @@ def shrink(x2d, a_rk_strides, a, r, scale, p, seed, prec):
     br = min(block_r(r), 64)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, br))
     _shrink_kernel[grid](
-        x2d, a, t, M, K, r,
+        x2d, a, t, M, K, r, m_key(M),
         x2d.stride(0), x2d.stride(1), a_rk_strides[0], a_rk_strides[1], t.stride(0), t.stride(1),
         scale, _seed_int(seed), p,
         HAS_DROPOUT=p > 0.0, PREC=prec, BLOCK_R=br,
@@ -266,7 +271,7 @@ def gemm_lora(x2d, w, w_nk_strides, t, u, u_nr_strides, bias, out_dtype, N, scal
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _gemm_lora_kernel[grid](
         x2d, w, t, u, bias if bias is not None else t, out,
-        M, N, K, r,
+        M, N, K, r, m_key(M),
         x2d.stride(0), x2d.stride(1), w_nk_strides[0], w_nk_strides[1],
         t.stride(0), t.stride(1), u_nr_strides[0], u_nr_strides[1], out.stride(0), out.stride(1),
         scaling, _seed_int(seed), p,
@@ -286,7 +291,7 @@ def lora_epilogue_(out, t, u, u_nr_strides, bias, scaling, p, seed):
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
     _lora_epilogue_kernel[grid](
         out, t, u, bias if bias is not None else t,
-        M, N, r,
+        M, N, r, m_key(M),
         out.stride(0), out.stride(1), t.stride(0), t.stride(1), u_nr_strides[0], u_nr_strides[1],
         scaling, _seed_int(seed), p,
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, PREC=dot_precision(torch.float32), BLOCK_R=block_r(r),
@@ -328,7 +333,7 @@ def tn(x2d, t, scale, p, seed, prec):
     part = torch.empty((split, N, r), device=x2d.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
     _tn_kernel[grid](
-        x2d, t, part, M, N, r, rows,
+        x2d, t, part, M, N, r, rows, m_key(M),
         x2d.stride(0), x2d.stride(1), t.stride(0), t.stride(1),
         scale, _seed_int(seed), p,
         SPLIT=split, HAS_DROPOUT=p > 0.0, PREC=prec, BLOCK_R=block_r(r),
