@@ -382,19 +382,18 @@ def test_rank_above_128_goes_to_the_reference_and_says_so(monkeypatch):
     assert any("r=130 > 128" in m for m in records), records
 
 
-def test_compile_inductor_matches_eager(monkeypatch):
+def test_compile_inductor_matches_eager():
     """Inductor (not only aot_eager) trusts the fake kernels' shapes, dtypes and strides. Inductor draws
     random numbers its own way (so the dropout seed differs from eager's) unless fallback_random is set."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
     x, w, b, a, bb = make_inputs((2, 9), 32, 24, 4, torch.float32, torch.float32, True)
 
     def step(x, a, bb):
         return (peftkern.ops.lora_linear(x, w, b, a, bb, 0.5, 0.1) * 2.0).square().sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
-    with peftkern.use_backend("torch"):
+    with peftkern.use_backend("torch"), inductor_config.patch(fallback_random=True):
         torch.manual_seed(5)
         loss_c = compiled(x, a, bb)
         g_c = torch.autograd.grad(loss_c, [x, a, bb])
