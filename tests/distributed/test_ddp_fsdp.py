@@ -93,6 +93,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results["fsdp"] = (first, {n: _full(p).clone() for n, p in params})
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
+        # Both ranks leave together: a rank tearing gloo down while its peer still talks aborts the peer.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
