@@ -115,3 +115,21 @@ def measure_train(call, grads, exclude, device: torch.device, quick: bool, timei
     res["peak_bytes"] = peak_bytes(lambda: (clear(), call().backward(gy)), device)
     clear()
     return res
+
+
+def provider_rows(op: str, case_name: str, shape: dict, provs: dict, measure, progress) -> list[dict]:
+    """One row per provider of one case: skipped (provs maps it to the reason), measured
+    (measure(fn) -> fields), or failed (a failing provider is reported, not hidden)."""
+    rows = []
+    for name, fn in provs.items():
+        row = dict(op=op, case=case_name, provider=name) | shape
+        if isinstance(fn, str):
+            rows.append(row | {"skipped": fn})
+            continue
+        progress(f"{op} {case_name} {name}")
+        try:
+            row |= measure(fn)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+    return rows

@@ -4,6 +4,7 @@ The cuda backend is a forward kernel: its rows' backward is the Triton backward 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from ..ops.adapter import CUDA_MAX_R, bottleneck_adapter
-from ._timing import measure_train
+from ._timing import measure_train, provider_rows
 
 _ACT = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu}
 
@@ -80,25 +81,17 @@ def _backend_why_not(name: str, case: Case, dtype, device) -> str | None:
 
 
 def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, compile_baseline: bool):
-    cases = (QUICK.get(preset) if quick else None) or PRESETS[preset]
     rows = []
-    for case in cases:
+    for case in (QUICK.get(preset) if quick else None) or PRESETS[preset]:
         x0 = torch.randn(case.m, case.d, device=device, dtype=dtype)
         res0 = torch.randn_like(x0) if case.residual else None
         provs = providers(case, dtype, device, compile_baseline)
         params = provs.pop("_params")
-        for name, fn in provs.items():
-            row = dict(op="adapter", case=case.name, provider=name, m=case.m, d=case.d, r=case.r, act=case.act,
-                       residual=case.residual, dtype=str(dtype).split(".")[-1])
-            if isinstance(fn, str):
-                rows.append(row | {"skipped": fn})
-                continue
-            progress(f"adapter {case.name} {name}")
-            try:
-                row |= _measure(fn, x0, res0, case, params, device, quick, timeit, peak_bytes)
-            except Exception as e:  # a failing provider is reported, not hidden
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
-            rows.append(row)
+        shape = dict(m=case.m, d=case.d, r=case.r, act=case.act, residual=case.residual,
+                     dtype=str(dtype).split(".")[-1])
+        measure = functools.partial(_measure, x0=x0, res0=res0, case=case, params=params, device=device,
+                                    quick=quick, timeit=timeit, peak_bytes=peak_bytes)
+        rows += provider_rows("adapter", case.name, shape, provs, measure, progress)
     return rows
 
 

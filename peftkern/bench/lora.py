@@ -3,6 +3,7 @@ of peft's layer, and the frozen base linear (the floor), on the same inputs in o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from .. import _backend
 from ..ops.lora import CUDA_DECODE_MAX_M, lora_linear
-from ._timing import measure_train
+from ._timing import measure_train, provider_rows
 
 
 @dataclass
@@ -112,24 +113,16 @@ def _backend_why_not(name: str, case: Case, device) -> str | None:
 
 
 def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, compile_baseline: bool):
-    cases = (QUICK.get(preset) if quick else None) or PRESETS[preset]
     rows = []
-    for case in cases:
+    for case in (QUICK.get(preset) if quick else None) or PRESETS[preset]:
         x = torch.randn(case.m, case.d_in, device=device, dtype=dtype)
         provs = providers(case, dtype, device, compile_baseline)
         params = provs.pop("_params")
-        for name, fn in provs.items():
-            row = dict(op="lora", case=case.name, provider=name, m=case.m, d_in=case.d_in, d_out=case.d_out,
-                       r=case.r, dropout=case.p if case.train else 0.0, dtype=str(dtype).split(".")[-1])
-            if isinstance(fn, str):
-                rows.append(row | {"skipped": fn})
-                continue
-            progress(f"lora {case.name} {name}")
-            try:
-                row |= _measure(fn, x, case, params, device, quick, timeit, peak_bytes)
-            except Exception as e:  # a failing provider is reported, not hidden
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
-            rows.append(row)
+        shape = dict(m=case.m, d_in=case.d_in, d_out=case.d_out, r=case.r, dropout=case.p if case.train else 0.0,
+                     dtype=str(dtype).split(".")[-1])
+        measure = functools.partial(_measure, x0=x, case=case, params=params, device=device, quick=quick, timeit=timeit,
+                                    peak_bytes=peak_bytes)
+        rows += provider_rows("lora", case.name, shape, provs, measure, progress)
     return rows
 
 

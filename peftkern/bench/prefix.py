@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from .. import _backend
 from ..ops.prefix import prefix_attention
 from ..reference.prefix import full_mask
-from ._timing import measure_train
+from ._timing import measure_train, provider_rows
 
 
 @dataclass
@@ -101,26 +102,25 @@ def providers(case: Case, dtype, device, compile_baseline: bool) -> dict:
     return out
 
 
+_NOTES = {
+    "sdpa-floor": "is_causal top-left over pre-concatenated P+S keys: cost floor, not the prefix mask",
+    "peftkern-cuda": "forward on triton (no CUDA forward); backward sums the prefix grad with CUDA C++",
+}
+
+
 def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, compile_baseline: bool):
-    cases = (QUICK.get(preset) if quick else None) or PRESETS[preset]
     rows = []
-    for case in cases:
-        for name, prov in providers(case, dtype, device, compile_baseline).items():
-            row = dict(op="prefix", case=case.name, provider=name, B=case.B, H=case.H, Hkv=case.Hkv, L=case.L,
-                       S=case.S, P=case.P, D=case.D, causal=case.causal, dtype=str(dtype).split(".")[-1])
-            if name == "sdpa-floor":
-                row["note"] = "is_causal top-left over pre-concatenated P+S keys: cost floor, not the prefix mask"
-            if name == "peftkern-cuda":
-                row["note"] = "forward on triton (no CUDA forward); backward sums the prefix grad with CUDA C++"
-            if isinstance(prov, str):
-                rows.append(row | {"skipped": prov})
-                continue
-            progress(f"prefix {case.name} {name}")
-            try:
-                row |= _measure(*prov, case, device, quick, timeit, peak_bytes)
-            except Exception as e:  # a failing provider is reported, not hidden
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
-            rows.append(row)
+    for case in (QUICK.get(preset) if quick else None) or PRESETS[preset]:
+        shape = dict(B=case.B, H=case.H, Hkv=case.Hkv, L=case.L, S=case.S, P=case.P, D=case.D, causal=case.causal,
+                     dtype=str(dtype).split(".")[-1])
+        measure = functools.partial(_measure_prov, case=case, device=device, quick=quick, timeit=timeit,
+                                    peak_bytes=peak_bytes)
+        case_rows = provider_rows("prefix", case.name, shape, providers(case, dtype, device, compile_baseline),
+                                  measure, progress)
+        for row in case_rows:
+            if row["provider"] in _NOTES:
+                row["note"] = _NOTES[row["provider"]]
+        rows += case_rows
     return rows
 
 
@@ -130,6 +130,10 @@ def _visible_pairs(case: Case) -> int:
         return case.L * (case.P + case.S)
     shift = case.S - case.L
     return case.L * case.P + sum(min(case.S, max(0, i + shift + 1)) for i in range(case.L))
+
+
+def _measure_prov(prov, **kw):
+    return _measure(*prov, **kw)
 
 
 def _measure(fn, ins, case, device, quick, timeit, peak_bytes):
