@@ -243,11 +243,12 @@ def _lora_layers(model: nn.Module):
             yield name, mod
 
 
-def _patchable(mod) -> str | None:
-    from peft.tuners.lora import Linear
-
-    if not isinstance(mod, Linear) or type(mod).forward is not Linear.forward:
-        return f"{type(mod).__name__} LoRA layer (only peft's lora.Linear is fused)"
+def _patchable(mod, cls=None, kind: str = "LoRA") -> str | None:
+    """Why `mod` cannot be patched: only peft's own `cls` (default lora.Linear), not yet replaced by others."""
+    if cls is None:
+        from peft.tuners.lora import Linear as cls
+    if not isinstance(mod, cls) or type(mod).forward is not cls.forward:
+        return f"{type(mod).__name__} {kind} layer (only peft's {kind.lower()}.Linear is fused)"
     if "forward" in mod.__dict__ and not getattr(mod, _MARK, False):
         return "forward already replaced by another library (e.g. accelerate hooks)"
     return None

@@ -30,11 +30,9 @@ def layers(model: nn.Module):
 def patchable(mod) -> str | None:
     from peft.tuners.ia3 import Linear
 
-    if not isinstance(mod, Linear) or type(mod).forward is not Linear.forward:
-        return f"{type(mod).__name__} IA3 layer (only peft's ia3.Linear is fused)"
-    if "forward" in mod.__dict__ and not getattr(mod, _MARK, False):
-        return "forward already replaced by another library (e.g. accelerate hooks)"
-    return None
+    from .peft import _patchable
+
+    return _patchable(mod, Linear, "IA3")
 
 
 def _active(layer) -> list[str]:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import GEMM_CONFIGS, dot_precision, upcast_dots
+from ._common import GEMM_CONFIGS, dot_precision, grouped_pid, upcast_dots
 
 PART_M = 16  # rows of M per partial-sum row (the smallest BLOCK_M of every config)
 
@@ -51,15 +51,7 @@ def _ia3_gemm_kernel(
     Epilogue: OUT = (C + BIAS[n]) ⊙ L[n] (HAS_BIAS, SCALE_C), stored if STORE_C.
     REDUCE_C: PART[m // PART_ROWS, n] = Σ C[m,n] E[m,n] over E of shape (M, N), C before the epilogue.
     """
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: programs sharing B columns run together, so B tiles stay in L2.
-    group = GROUP_M * grid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import GEMM_CONFIGS, INTERPRET, block_r, configs, dot_precision, upcast_dots
+from ._common import GEMM_CONFIGS, INTERPRET, block_r, configs, dot_precision, grouped_pid, upcast_dots
 
 
 @triton.jit
@@ -51,15 +51,7 @@ def _gemm_lora_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """OUT[m, n] = Σ_k X[m,k] W[n,k] + s · (Σ_r T[m,r] U[n,r]) ⊙ keep(m, n) + BIAS[n]."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: programs sharing W columns run together, so W tiles stay in L2.
-    group = GROUP_M * grid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
