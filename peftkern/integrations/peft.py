@@ -28,6 +28,7 @@ from torch import nn
 from .. import _backend
 from ..ops import lora as _lora_ops
 from . import peft_ia3 as _ia3
+from . import prefix as _prefix
 
 log = logging.getLogger("peftkern")
 
@@ -49,10 +50,12 @@ class Summary:
     reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     ia3_layers: int = 0
     ia3_fused_now: int = 0
+    prefix_layers: int = 0  # attention layers of a prefix-tuning model routed through prefix_attention
 
     def __str__(self) -> str:
         why = "; ".join(f"{r}: {n}" for r, n in self.reasons.most_common())
         ia3 = f", {self.ia3_fused_now} of {self.ia3_layers} IA3 layers" if self.ia3_layers else ""
+        ia3 += f", {self.prefix_layers} prefix-tuning attention layers" if self.prefix_layers else ""
         return (f"{self.fused_now} of {self.lora_layers} LoRA layers{ia3} run peftkern's fused ops"
                 + (f"; the others keep peft's forward ({why})" if why else ""))
 
@@ -256,7 +259,9 @@ def _patchable(mod, cls=None, kind: str = "LoRA") -> str | None:
 
 def accelerate(model: nn.Module) -> Summary:
     """Route every peft `lora.Linear` layer of `model` (a `PeftModel` or any model with peft LoRA layers
-    injected) through peftkern's fused LoRA op, and every peft `ia3.Linear` through `ia3_linear`, in place.
+    injected) through peftkern's fused LoRA op, every peft `ia3.Linear` through `ia3_linear`, and the attention
+    of a prefix-tuning PeftModel through `prefix_attention` (see integrations/prefix.py), in place. Prompt
+    tuning and other prompt-learning methods keep peft's path (they only prepend embeddings).
     Calling it again is harmless; layers added later (a new adapter on new target modules) need another call.
     Logs one summary line on logger "peftkern"."""
     summary = Summary()
@@ -286,6 +291,8 @@ def accelerate(model: nn.Module) -> Summary:
             summary.ia3_fused_now += 1
         else:
             summary.reasons[why or "IA3 adapter disabled, merged or inactive"] += 1
+    if _prefix.is_prefix_model(model):
+        summary.prefix_layers = _prefix.accelerate(model)
     log.info("peftkern.accelerate(%s): %s", type(model).__name__, summary)
     return summary
 
@@ -302,8 +309,9 @@ def _state_why_not(layer) -> str | None:
 
 
 def restore(model: nn.Module) -> int:
-    """Undo `accelerate`: every patched LoRA / IA3 layer runs peft's own forward again. Returns how many."""
-    n = 0
+    """Undo `accelerate`: every patched LoRA / IA3 layer (and a prefix-tuning model's attention) runs
+    peft's own forward again. Returns how many layers / models were restored."""
+    n = int(_prefix.restore(model))
     for _, mod in _lora_layers(model):
         if getattr(mod, _MARK, False):
             mod.__dict__.pop("forward", None)

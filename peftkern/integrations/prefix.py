@@ -1,97 +1,224 @@
 """peft prefix-tuning on transformers decoders through peftkern::prefix_attention.
 
 `accelerate(peft_model)` registers the attention function "peftkern_prefix" with transformers'
-AttentionInterface (and the 2-D padding mask with AttentionMaskInterface, as flash-attention gets,
-so no (B, 1, L, P + S) mask is built) and switches the base model to it. peft still hands the
-prefix in through its DynamicCache, so each layer's K/V arrive as [prefix ; sequence]: the
-attention function splits them into views (no copy) and the kernel reads the prefix part in place.
-Not done here: a cache that never concatenates the prefix (peft's cache update still copies it).
+AttentionInterface (and the 2-D padding mask with AttentionMaskInterface, as flash-attention gets, so no
+(B, 1, L, P + S) mask is built) and switches the base model to it. Two paths, both on the fused op:
+
+- No cache asked for (training, scoring): the PeftModel's forward is replaced. The prefix is computed
+  once per step from peft's prompt encoder at batch size 1 — (2 * layers, Hkv, P, D), no batch expand —
+  and handed to every attention layer as a keyword argument through transformers' kwargs plumbing. The
+  sequence K/V are never concatenated with it; the kernel reads it in place and reduces its gradient
+  over the batch. Positions start at P, as peft's cache implies.
+- `use_cache=True`, a cache passed in, generate(): peft's own path. Its DynamicCache holds [prefix ;
+  sequence] per layer; the attention function splits that into views (no copy) for the kernel.
 """
 
 from __future__ import annotations
 
-import weakref
+import logging
+import types
 
 import torch
 
 from ..ops.prefix import prefix_attention
 
+log = logging.getLogger("peftkern")
+
 NAME = "peftkern_prefix"
-_ATTR = "peftkern_num_virtual_tokens"
+KWARG = "peftkern_prefix_kv"  # the (2 * layers, Hkv, P, D) prefix, passed down to the attention function
+_LEN = "_peftkern_num_virtual_tokens"  # set on attention modules (cache path) and on caches peft made
+_STATE = "_peftkern_prefix"  # on the PeftModel: the attention implementation it had before
+_QKV = ("q_proj", "c_attn", "qkv_proj", "query_key_value", "Wqkv")  # how attention modules are told apart
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       **kwargs):
-    """transformers attention interface: query (B, H, L, D), key/value (B, Hkv, P + S, D) with the P
-    prefix positions first; attention_mask the 2-D (B, P + S) padding mask or None."""
-    P = getattr(module, _ATTR, None)
-    if P is None:
-        raise RuntimeError(f"{NAME} attention: module {type(module).__name__} has no prefix length; "
-                           "use peftkern.integrations.prefix.accelerate(peft_model)")
+    """transformers attention interface: query (B, H, L, D); key/value (B, Hkv, S, D) with the prefix in
+    kwargs[KWARG], or (B, Hkv, P + S, D) with the P prefix positions first (a cache from peft's
+    get_prompt); attention_mask the 2-D padding mask (B, ≥ S) or None."""
     if dropout:
-        raise ValueError(f"{NAME} attention has no attention dropout (got {dropout}): set attention_dropout=0")
+        raise ValueError(f"{NAME} attention has no attention dropout (got {dropout}): set the model's "
+                         "attention dropout to 0")
     for name in ("softcap", "sliding_window"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{NAME} attention does not support {name}")
+    kv = kwargs.get(KWARG)
+    if kv is not None:
+        pk, pv = kv[2 * module.layer_idx], kv[2 * module.layer_idx + 1]
+    else:
+        P = getattr(module, _LEN, None)
+        if P is None:
+            raise RuntimeError(f"{NAME} attention: module {type(module).__name__} got no prefix; use "
+                               "peftkern.accelerate(peft_model) and call the PeftModel")
+        pk, pv, key, value = key[:, :, :P], value[:, :, :P], key[:, :, P:], value[:, :, P:]
+    if (pk.shape[-3], pk.shape[-1]) != (key.shape[1], key.shape[3]):
+        raise ValueError(f"{NAME} attention: prefix {tuple(pk.shape)} does not match keys {tuple(key.shape)} "
+                         "(PrefixTuningConfig num_attention_heads / token_dim vs the model's KV heads)")
     pad = None
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(f"{NAME} attention expects a 2-D padding mask, got shape {tuple(attention_mask.shape)}")
-        pad = attention_mask[:, -key.shape[2]:][:, P:].bool()
-    causal = True if is_causal is None else bool(is_causal)
-    out = prefix_attention(query, key[:, :, P:], value[:, :, P:], key[:, :, :P], value[:, :, :P], causal=causal,
+        pad = attention_mask[:, -key.shape[2]:].bool()
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    out = prefix_attention(query, key, value, pk.to(key.dtype), pv.to(value.dtype), causal=bool(is_causal),
                            key_padding_mask=pad, softmax_scale=scaling)
     return out.transpose(1, 2), None
+
+
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, **kwargs):
+    """transformers mask interface: the 2-D padding mask of the last kv_length keys, as is (the kernel
+    applies causality itself). Unlike flash-attention's, it does not drop an all-ones mask: that check
+    reads the tensor's values and would split a torch.compile graph."""
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
 
 
 def register() -> None:
     """Register "peftkern_prefix" with transformers' attention and mask interfaces (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    AttentionMaskInterface.register(NAME, padding_mask)
 
 
-def accelerate(peft_model) -> torch.nn.Module:
-    """Run a peft PrefixTuning model's attention on peftkern::prefix_attention; returns the model."""
+def is_prefix_model(model) -> bool:
+    cfg = getattr(model, "active_peft_config", None)
+    return cfg is not None and str(getattr(cfg.peft_type, "value", cfg.peft_type)) == "PREFIX_TUNING"
+
+
+def prefix_kv(peft_model) -> torch.Tensor:
+    """The active prefix as one (2 * num_layers, Hkv, P, D) tensor, layer i's keys at 2i and values at
+    2i + 1: what peft's get_prompt builds, at batch size 1 instead of expanded to the batch."""
     cfg = peft_model.active_peft_config
-    if str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "PREFIX_TUNING":
-        raise ValueError(f"accelerate() takes a prefix-tuning PeftModel, got peft_type={cfg.peft_type}")
+    name = peft_model.active_adapter
+    enc = peft_model.prompt_encoder[name]
+    P, H = cfg.num_virtual_tokens, cfg.num_attention_heads
+    if cfg.inference_mode:
+        kv = enc.embedding.weight
+    else:
+        tokens = peft_model.prompt_tokens[name][:P].unsqueeze(0).to(enc.embedding.weight.device)
+        kv = enc(tokens)[0]
+    if peft_model.base_model_torch_dtype is not None:
+        kv = kv.to(peft_model.base_model_torch_dtype)
+    # One small copy to contiguous (the prefix, not the batch's KV) so each layer's slice is dense.
+    return kv.view(P, cfg.num_layers * 2, H, cfg.token_dim // H).permute(1, 2, 0, 3).contiguous()
+
+
+def _attention_modules(base) -> list:
+    return [m for m in base.modules() if isinstance(getattr(m, "layer_idx", None), int)
+            and any(hasattr(m, n) for n in _QKV)]
+
+
+def _no_concat_why_not(peft_model) -> str | None:
+    """Why the no-concat forward cannot serve this model (None: it can)."""
+    from peft import PeftModelForCausalLM
+
+    cfg = peft_model.active_peft_config
+    if not isinstance(peft_model, PeftModelForCausalLM):
+        return f"{type(peft_model).__name__} (only causal-LM PeftModels get the no-concat forward)"
+    if cfg.num_transformer_submodules != 1:
+        return "encoder-decoder prefix"
+    idx = sorted(m.layer_idx for m in _attention_modules(peft_model.get_base_model()))
+    if idx != list(range(cfg.num_layers)):
+        return f"attention layers {idx} do not map one to one onto the prefix's {cfg.num_layers} layers"
+    return None
+
+
+def accelerate(peft_model) -> int:
+    """Run a peft PrefixTuning model's attention on peftkern::prefix_attention, in place; returns the
+    number of attention layers routed. Logs which forward (no-concat or peft's cache) it takes."""
+    if not is_prefix_model(peft_model):
+        raise ValueError("accelerate() takes a prefix-tuning PeftModel, got peft_type="
+                         f"{getattr(getattr(peft_model, 'active_peft_config', None), 'peft_type', None)}")
     register()
     base = peft_model.get_base_model()
-    n = 0
-    for mod in base.modules():
-        if hasattr(mod, "layer_idx") and hasattr(mod, "q_proj"):
-            setattr(mod, _ATTR, cfg.num_virtual_tokens)
-            n += 1
-    if n == 0:
-        raise ValueError("found no attention modules (with layer_idx and q_proj) in the base model")
-    if not getattr(peft_model, "_peftkern_prefix", False):
-        _track_prefix_caches(peft_model, base)
+    mods = _attention_modules(base)
+    if not mods:
+        raise ValueError(f"found no attention modules (an int layer_idx and one of {_QKV}) in the base model")
+    P = peft_model.active_peft_config.num_virtual_tokens
+    for mod in mods:
+        setattr(mod, _LEN, P)
+    if _STATE not in peft_model.__dict__:
+        setattr(peft_model, _STATE, base.config._attn_implementation)
+        # Bound methods in the instance dict: nn.Module.__call__ finds them, deepcopy rebinds them.
+        peft_model.get_prompt = types.MethodType(_marked_get_prompt, peft_model)
+        base.register_forward_pre_hook(_check_cache, with_kwargs=True)
+        why = _no_concat_why_not(peft_model)
+        if why is None:
+            peft_model.forward = types.MethodType(_no_concat_forward, peft_model)
+        else:
+            log.info("peftkern prefix: %s keeps peft's cache path (prefix read as views): %s",
+                     type(base).__name__, why)
     base.set_attn_implementation(NAME)
-    return peft_model
+    return len(mods)
 
 
-def _track_prefix_caches(peft_model, base) -> None:
-    """The attention function takes the first P cached positions for the prefix, so the cache the
-    model runs on must be the one peft's get_prompt made. Some transformers / peft pairs run
-    generate() on a fresh cache and drop the prefix: refuse those calls instead of mixing up tokens."""
-    made = weakref.WeakSet()
-    get_prompt = peft_model.get_prompt
+def restore(peft_model) -> bool:
+    """Undo `accelerate`: peft's forward and the attention implementation the model had. Returns whether
+    there was anything to undo."""
+    if _STATE not in peft_model.__dict__:
+        return False
+    base = peft_model.get_base_model()
+    for name in ("forward", "get_prompt"):
+        peft_model.__dict__.pop(name, None)
+    for key, hook in list(base._forward_pre_hooks.items()):
+        if hook is _check_cache:
+            del base._forward_pre_hooks[key]
+            base._forward_pre_hooks_with_kwargs.pop(key, None)
+    for mod in _attention_modules(base):
+        mod.__dict__.pop(_LEN, None)
+    base.set_attn_implementation(peft_model.__dict__.pop(_STATE))
+    return True
 
-    def tracked_get_prompt(*args, **kwargs):
-        cache = get_prompt(*args, **kwargs)
-        made.add(cache)
-        return cache
 
-    def check(module, args, kwargs):
-        cache = kwargs.get("cache")
-        cache = cache if cache is not None else kwargs.get("past_key_values")
-        if cache is None or cache not in made:
-            raise RuntimeError(f"{NAME} attention: the model runs on a cache without peft's prefix (this "
-                               "transformers/peft pair drops it, e.g. in generate()); call the PeftModel itself")
+def _marked_get_prompt(self, batch_size, *args, **kwargs):
+    """peft's get_prompt; the cache it returns is marked, so the attention function knows the first P
+    positions are the prefix (and the length follows the active adapter)."""
+    cache = type(self).get_prompt(self, batch_size, *args, **kwargs)
+    P = self.active_peft_config.num_virtual_tokens
+    setattr(cache, _LEN, P)
+    for mod in _attention_modules(self.get_base_model()):
+        setattr(mod, _LEN, P)
+    return cache
 
-    peft_model.get_prompt = tracked_get_prompt
-    base.register_forward_pre_hook(check, with_kwargs=True)
-    peft_model._peftkern_prefix = True
+
+def _check_cache(module, args, kwargs):
+    """Forward pre-hook on the base model: it must run with the prefix, either passed down by the
+    no-concat forward or in a cache peft's get_prompt made. Some transformers / peft pairs run generate()
+    on a fresh cache and drop the prefix: refuse those calls rather than read tokens as the prefix."""
+    if kwargs.get(KWARG) is not None:
+        return
+    cache = kwargs.get("cache")
+    cache = cache if cache is not None else kwargs.get("past_key_values")
+    if getattr(cache, _LEN, None) is None:
+        raise RuntimeError(f"{NAME} attention: the model runs on a cache without peft's prefix (this "
+                           "transformers/peft pair drops it, e.g. in generate()); call the PeftModel itself")
+
+
+def _no_concat_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                       output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
+                       **kwargs):
+    """PeftModelForCausalLM.forward for prefix tuning without the cache: same outputs, same gradients."""
+    cache_asked = (kwargs.get("use_cache") is True or kwargs.get("past_key_values") is not None
+                   or kwargs.get("cache") is not None)
+    if cache_asked or not is_prefix_model(self):
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions,
+                                  output_hidden_states=output_hidden_states, return_dict=return_dict,
+                                  task_ids=task_ids, **kwargs)
+    P = self.active_peft_config.num_virtual_tokens
+    x = input_ids if input_ids is not None else inputs_embeds
+    position_ids = kwargs.pop("position_ids", None)
+    # peft's cache holds P positions before the sequence, so the model numbers the sequence from P.
+    if position_ids is None:
+        position_ids = torch.arange(P, P + x.shape[1], device=x.device).unsqueeze(0)
+    else:
+        position_ids = position_ids + P
+    kwargs.pop("use_cache", None)
+    kwargs[KWARG] = prefix_kv(self)
+    return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                           labels=labels, output_attentions=output_attentions,
+                           output_hidden_states=output_hidden_states, return_dict=return_dict,
+                           position_ids=position_ids, use_cache=False, **kwargs)
