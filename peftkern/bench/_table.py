@@ -43,10 +43,11 @@ def _fmt_bytes(n):
 
 
 def table(rows: list[dict], baselines: tuple[str, ...]) -> str:
-    lines = [f"{'op':<8}{'case':<12}{'provider':<18}{'fwd ms':>9}{'bwd ms':>9}{'full ms':>9}{'saved':>9}"
+    w = max([12] + [len(r["case"]) + 2 for r in rows])
+    lines = [f"{'op':<8}{'case':<{w}}{'provider':<18}{'fwd ms':>9}{'bwd ms':>9}{'full ms':>9}{'saved':>9}"
              f"{'peak':>9}   speedup (full, else fwd) vs {' / '.join(baselines)}"]
     for r in rows:
-        head = f"{r['op']:<8}{r['case']:<12}{r['provider']:<18}"
+        head = f"{r['op']:<8}{r['case']:<{w}}{r['provider']:<18}"
         if "skipped" in r or "error" in r:
             lines.append(head + ("skipped: " + r["skipped"] if "skipped" in r else "ERROR: " + r["error"]))
             continue

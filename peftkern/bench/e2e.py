@@ -1,8 +1,9 @@
-"""End-to-end LoRA training step on a Llama-architecture model: peft vs peft + `peftkern.accelerate`.
+"""End-to-end training step on a Llama-architecture model: peft vs peft + `peftkern.accelerate`.
 
-One model (random weights from a LlamaConfig, LoRA on every linear) is timed twice in one process: as peft
-builds it, then after `accelerate(model)` (and `restore` afterwards). A step is forward + backward + AdamW
-step + zero_grad on random token ids; rows carry the step time ("full"), tokens_per_s and peak memory.
+One model (random weights from a LlamaConfig; LoRA on every linear, or prefix tuning with P virtual tokens)
+is timed twice in one process: as peft builds it, then after `accelerate(model)` (and `restore` afterwards).
+A step is forward + backward + AdamW step + zero_grad on random token ids; rows carry the step time ("full"),
+tokens_per_s and peak memory.
 """
 
 from __future__ import annotations
@@ -27,19 +28,23 @@ class Case:
     batch: int
     r: int = 16
     p: float = 0.05
+    method: str = "lora"  # or "prefix": PrefixTuningConfig with r virtual tokens
 
 
 # "llama-7b" and "llama-1b" both mean a ~1.1B-parameter Llama (Llama-3.2-1B's shape with a 32k vocabulary so
 # the LM head does not drown the LoRA layers): bf16, batch 2 x seq 2048, no gradient checkpointing, fits 80 GB.
 _ONE_B = Case("llama-1.1b", 2048, 16, 8192, 32, 8, 32000, 2048, 2)
+_ONE_B_PREFIX = Case("llama-1.1b-prefix64", 2048, 16, 8192, 32, 8, 32000, 2048, 2, r=64, p=0.0, method="prefix")
+_FOUR_L = Case("llama-4l", 2048, 4, 8192, 32, 8, 32000, 1024, 2)
 PRESETS = {
-    "llama-7b": [_ONE_B],
-    "llama-1b": [_ONE_B],
-    "tiny": [Case("tiny", 64, 2, 172, 4, 2, 256, 64, 4)],
+    "llama-7b": [_ONE_B, _ONE_B_PREFIX],
+    "llama-1b": [_ONE_B, _ONE_B_PREFIX],
+    "tiny": [Case("tiny", 64, 2, 172, 4, 2, 256, 64, 4),
+             Case("tiny-prefix16", 64, 2, 172, 4, 2, 256, 64, 4, r=16, p=0.0, method="prefix")],
 }
 QUICK = {
-    "llama-7b": [Case("llama-4l", 2048, 4, 8192, 32, 8, 32000, 1024, 2)],
-    "llama-1b": [Case("llama-4l", 2048, 4, 8192, 32, 8, 32000, 1024, 2)],
+    "llama-7b": [_FOUR_L],
+    "llama-1b": [_FOUR_L],
     "tiny": [Case("tiny-quick", 32, 2, 64, 4, 2, 128, 32, 2)],
 }
 
@@ -47,8 +52,8 @@ BASELINES = ("peft",)
 
 
 def build(case: Case, dtype, device):
-    """A peft LoRA model (r on all linears) over a random-init Llama built from a config; lora_B is made
-    non-zero so the adapters do work."""
+    """A peft model over a random-init Llama built from a config: LoRA (r on all linears, lora_B made
+    non-zero so the adapters do work) or prefix tuning (r virtual tokens, SDPA attention as peft runs it)."""
     import peft
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -58,6 +63,10 @@ def build(case: Case, dtype, device):
                       num_key_value_heads=case.kv_heads, max_position_embeddings=case.seq)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
+    if case.method == "prefix":
+        model.set_attn_implementation("sdpa")
+        cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=case.r)
+        return peft.get_peft_model(model, cfg).train()
     lora = peft.LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.p, target_modules="all-linear")
     model = peft.get_peft_model(model, lora)
     with torch.no_grad():
@@ -90,9 +99,10 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
         ids = torch.randint(0, case.vocab, (case.batch, case.seq), device=device)
         tokens = case.batch * case.seq
         init = [p.detach().clone() for p in params]  # every provider starts from the same adapter weights
-        meta = dict(op="e2e", case=case.name, hidden=case.hidden, layers=case.layers, seq=case.seq,
-                    batch=case.batch, r=case.r, dropout=case.p, dtype=str(dtype).split(".")[-1], tokens=tokens,
-                    params=sum(p.numel() for p in model.parameters()), trainable=sum(p.numel() for p in params))
+        meta = dict(op="e2e", case=case.name, method=case.method, hidden=case.hidden, layers=case.layers,
+                    seq=case.seq, batch=case.batch, r=case.r, dropout=case.p, dtype=str(dtype).split(".")[-1],
+                    tokens=tokens, params=sum(p.numel() for p in model.parameters()),
+                    trainable=sum(p.numel() for p in params))
         for name, why in _providers(device).items():
             row = dict(meta, provider=name)
             if why:
@@ -105,7 +115,8 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
             try:
                 if name != "peft":
                     summary = accelerate(model)
-                    row["fused_layers"] = f"{summary.fused_now}/{summary.lora_layers}"
+                    row["fused_layers"] = (f"{summary.prefix_layers} attention" if case.method == "prefix"
+                                           else f"{summary.fused_now}/{summary.lora_layers}")
                 backend = name.split("-", 1)[1] if name != "peft" else "auto"
                 with _backend.use_backend(backend):
                     row |= _measure(model, ids, params, tokens, device, quick, timeit, peak_bytes)
