@@ -163,6 +163,33 @@ def test_x_without_grad_skips_dx():
     assert a.grad is not None and bb.grad is not None and x.grad is None
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_frozen_adapters_skip_their_reductions(backend, p, monkeypatch):
+    """Frozen adapters (another adapter trains, or only the input needs a gradient): dx still equals
+    the reference with the forward's mask, and no dA / dB reduction over M runs."""
+    import peftkern.triton.lora as tri
+
+    calls = []
+    for mod, name in ((tri, "tn"), (ref, "dropout_keep")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    x, w, b, a, bb = make_inputs((3, 7), 40, 24, 4, torch.float32, torch.float32, True)
+    a.requires_grad_(False)
+    bb.requires_grad_(False)
+    dy = torch.randn(3, 7, 24, device=DEVICE)
+    with peftkern.use_backend(backend):
+        torch.manual_seed(5)
+        seed = draw_seed(p)
+        torch.manual_seed(5)
+        peftkern.ops.lora_linear(x, w, b, a, bb, 0.5, p).backward(dy)
+    keep = keep_mask(backend, 21, 40, p, int(seed)) if p else torch.ones(21, 40, dtype=torch.bool, device=DEVICE)
+    lora_dx = ((dy.reshape(21, 24).double() @ bb.double()) * 0.5 @ a.double()) * keep.double() / (1 - p)
+    want = dy.reshape(21, 24).double() @ w.double() + lora_dx
+    torch.testing.assert_close(x.grad.reshape(21, 40).double(), want, atol=1e-4, rtol=1e-4)
+    assert "tn" not in calls and a.grad is None and bb.grad is None
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the cuda backend runs on a GPU")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("adapter_fp32", [False, True])
@@ -247,7 +274,9 @@ def test_opcheck(backend, p):
         dy = torch.randn(3, 5, 20, device=DEVICE)
         t = torch.randn(15, 4, device=DEVICE)
         torch.library.opcheck(torch.ops.peftkern.lora_linear_backward.default,
-                              (dy, x.detach(), w, a.detach(), bb.detach(), t, 0.5, p, seed, True, backend))
+                              (dy, x.detach(), w, a.detach(), bb.detach(), t, 0.5, p, seed, True, True, backend))
+        torch.library.opcheck(torch.ops.peftkern.lora_linear_backward.default,
+                              (dy, x.detach(), w, a.detach(), bb.detach(), t, 0.5, p, seed, True, False, backend))
 
 
 def test_compile_fullgraph():

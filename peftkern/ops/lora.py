@@ -81,23 +81,28 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 @torch.library.custom_op("peftkern::lora_linear_backward", mutates_args=())
 def lora_linear_backward_op(
     dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor,
-    scaling: float, dropout_p: float, seed: Tensor | None, need_dx: bool, backend: str,
+    scaling: float, dropout_p: float, seed: Tensor | None, need_dx: bool, need_ab: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dA, dB); dx is an empty (0,) tensor when need_dx is False. `backend` is the one
-    requested around the forward (use_backend does not reach autograd's CUDA thread)."""
+    """Returns (dx, dA, dB); dx is an empty (0,) tensor when need_dx is False, dA and dB when need_ab is
+    False (frozen adapters: their two reductions over M are skipped). `backend` is the one requested
+    around the forward (use_backend does not reach autograd's CUDA thread)."""
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])
     s = int(seed.item()) if seed is not None else 0
     backend = _backend.dispatch("lora_linear_backward", x.device, _bwd_backends(lora_A.shape[0]), requested=backend)
     impl = _triton().lora_linear_bwd if backend == "triton" else ref.lora_linear_bwd
-    dx, d_a, d_b = impl(dy2d, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, s, need_dx)
+    dx, d_a, d_b = impl(dy2d, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, s, need_dx, need_ab)
     dx = dx.reshape(x.shape) if need_dx else x.new_empty((0,))
+    if not need_ab:
+        d_a, d_b = lora_A.new_empty((0,)), lora_B.new_empty((0,))
     return dx, d_a, d_b
 
 
 @lora_linear_backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_dx, backend):
+def _(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_dx, need_ab, backend):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    if not need_ab:
+        return dx, lora_A.new_empty((0,)), lora_B.new_empty((0,))
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
@@ -116,9 +121,11 @@ def _backward(ctx, dy, _dt):
     x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
     need_dx, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
     dy = dy.contiguous()
-    dx, d_a, d_b = torch.ops.peftkern.lora_linear_backward(
-        dy, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, seed, need_dx, ctx.backend
-    )
+    dx = d_a = d_b = None
+    if need_dx or need_a or need_bb:
+        dx, d_a, d_b = torch.ops.peftkern.lora_linear_backward(
+            dy, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, seed, need_dx, need_a or need_bb,
+            ctx.backend)
     dy2d = dy.reshape(-1, dy.shape[-1])
     # A trainable base is the slow path: plain torch ops, visible to the compiler.
     d_w = dy2d.t() @ x.reshape(-1, x.shape[-1]) if need_w else None

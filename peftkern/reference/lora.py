@@ -42,14 +42,16 @@ def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
     return y, t
 
 
-def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_dx):
-    """Returns (dx or None, dA, dB). The dropout mask is drawn once and used for dA and dx."""
+def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_dx, need_ab=True):
+    """Returns (dx or None, dA or None, dB or None). The dropout mask is drawn once and used for dA and dx."""
     dyf = dy.float()
     dt = (dyf @ lora_B.float()) * scaling
-    d_b = (dyf.t() @ t * scaling).to(lora_B.dtype)
     keep = None if p == 0.0 else dropout_keep(x2d.shape, p, seed, x2d.device).float() / (1.0 - p)
-    xd = x2d.float() if keep is None else x2d.float() * keep
-    d_a = (dt.t() @ xd).to(lora_A.dtype)
+    d_a = d_b = None
+    if need_ab:
+        d_b = (dyf.t() @ t * scaling).to(lora_B.dtype)
+        xd = x2d.float() if keep is None else x2d.float() * keep
+        d_a = (dt.t() @ xd).to(lora_A.dtype)
     dx = None
     if need_dx:
         lora_dx = dt @ lora_A.float()

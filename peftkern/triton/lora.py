@@ -347,8 +347,8 @@ def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
     return y, t
 
 
-def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_dx):
-    """Returns (dx or None, dA, dB) as the reference backward does."""
+def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_dx, need_ab=True):
+    """Returns (dx or None, dA or None, dB or None) as the reference backward does."""
     prec = dot_precision(torch.float32)  # the skinny dots upcast their operands to fp32
     r = lora_A.shape[0]
     inv_keep = 1.0 / (1.0 - p)
@@ -362,6 +362,8 @@ def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_d
         # dx = dy W + (dt A) ⊙ keep/(1-p): W[n=in, k=out] = weight[k, n].
         dx = gemm_lora(dy, weight, (weight.stride(1), weight.stride(0)), dt, lora_A, a_nr, None, x2d.dtype,
                        weight.shape[1], inv_keep, p, seed)
+    if not need_ab:
+        return dx, None, None
     d_a = tn(x2d, dt, inv_keep, p, seed, prec).t().to(lora_A.dtype).contiguous()
     d_b = tn(dy, t, scaling, 0.0, None, prec).to(lora_B.dtype)
     return dx, d_a, d_b
