@@ -10,6 +10,12 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests must prove which kernel ran: a backend that cannot take a call raises instead of falling back.
 os.environ.setdefault("PEFTKERN_STRICT", "1")
+# A fresh compile cache per run: torch's AOTAutograd cache keys a graph on the forward ops but not on a
+# custom op's registered backward, so a graph cached before an op's backward changed would replay it.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="peftkern-inductor-")
 
 import pytest  # noqa: E402
 
