@@ -362,6 +362,8 @@ def test_lora_decode_rejects_bad_args(built):
 def test_lora_decode_pdl_off_matches(built):
     """The main kernel waits for the shrink kernel through programmatic dependent launch on sm_90;
     with it turned off (PEFTKERN_NO_PDL=1, read once per process) the results must be identical."""
+    from safetensors.torch import load_file
+
     code = r"""
 import torch
 from peftkern import _ext
@@ -372,16 +374,17 @@ w = torch.randn(4096, 4096, device="cuda", generator=g).bfloat16()
 a = torch.randn(64, 4096, device="cuda", generator=g)
 b = torch.randn(4096, 64, device="cuda", generator=g)
 y, t = torch.ops.peftkern_cuda.lora_decode(x, w, None, a, b, 0.5)
-torch.save((y.cpu(), t.cpu()), OUT)
+from safetensors.torch import save_file
+save_file({"y": y.cpu(), "t": t.cpu()}, OUT)
 """
     outs = []
     for no_pdl in ("0", "1"):
-        out = _TEST_CACHE / f"pdl_{no_pdl}.pt"
+        out = _TEST_CACHE / f"pdl_{no_pdl}.safetensors"
         env = dict(os.environ, PEFTKERN_CACHE_DIR=str(_TEST_CACHE), PEFTKERN_NO_PDL=no_pdl)
         root = Path(__file__).resolve().parents[2]
         env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
         res = subprocess.run([sys.executable, "-c", f"OUT = {str(out)!r}\n" + code], capture_output=True,
                              text=True, env=env, timeout=300)
         assert res.returncode == 0, res.stderr[-4000:]
-        outs.append(torch.load(out))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        outs.append(load_file(str(out)))
+    assert torch.equal(outs[0]["y"], outs[1]["y"]) and torch.equal(outs[0]["t"], outs[1]["t"])

@@ -92,11 +92,29 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             first = _train(model, ids, params)
             results["fsdp"] = (first, {n: _full(p).clone() for n, p in params})
         if rank == 0:
-            torch.save(results, os.path.join(out_dir, "results.pt"))
+            _save(results, os.path.join(out_dir, "results.safetensors"))
         # Both ranks leave together: a rank tearing gloo down while its peer still talks aborts the peer.
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _save(results: dict, path: str) -> None:
+    """{run: ({param: first-step grad}, {param: final value})} through safetensors (no pickle)."""
+    from safetensors.torch import save_file
+
+    save_file({f"{run}/{i}/{n}": t.contiguous() for run, pair in results.items() for i, d in enumerate(pair)
+               for n, t in d.items()}, path)
+
+
+def _load(path) -> dict:
+    from safetensors.torch import load_file
+
+    out: dict = {}
+    for key, t in load_file(str(path)).items():
+        run, i, name = key.split("/", 2)
+        out.setdefault(run, ({}, {}))[int(i)][name] = t
+    return out
 
 
 def _free_port() -> int:
@@ -114,7 +132,7 @@ def runs(tmp_path_factory):
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("dist")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    dist_results = torch.load(out / "results.pt")
+    dist_results = _load(out / "results.safetensors")
     with peftkern.use_backend("torch"):
         model = _model()
         accelerate(model)
