@@ -64,8 +64,8 @@ real training step on the current device and prints estimate vs measured: on CUD
 ``max_memory_allocated`` over a step (after a warm-up step, grads kept) and the growth of
 ``memory_allocated`` over the forward; on CPU ``peftkern._memory.saved_bytes`` of the forward plus
 the bytes of parameters, gradients and optimizer state after the step. Methods whose op this build
-has (not prefix-tuning, whose attention the trace reroutes on meta only) are also measured through
-the op ("(peftkern)" rows).
+has are also measured through the op ("(peftkern)" rows); prefix-tuning through `peftkern.accelerate`,
+on causal LMs only (encoder and seq2seq prefix models are estimated by the trace, not measured).
 """
 
 from __future__ import annotations
@@ -754,11 +754,13 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def measurable_with_kernel(method: str) -> bool:
-    """Whether --measure can run `method` through a real peftkern op (prefix-tuning would need
-    transformers' attention rerouted; the report's trace does that on meta only)."""
+def measurable_with_kernel(method: str, config=None) -> bool:
+    """Whether --measure can run `method` through a real peftkern op. Prefix-tuning runs through
+    `peftkern.accelerate` (causal LMs: its no-concat forward); the trace covers the other kinds on meta."""
     kernel = _BY_KEY[method].kernel
-    return kernel is not None and method != "prefix" and kernel_fn(kernel) is not None
+    if method == "prefix" and (config is None or model_kind(config) != "causal"):
+        return False
+    return kernel is not None and kernel_fn(kernel) is not None
 
 
 def measure_step(config, method: str, batch: int, seq: int, dtype, device, settings: Settings,
@@ -775,6 +777,10 @@ def measure_step(config, method: str, batch: int, seq: int, dtype, device, setti
     opt = torch.optim.AdamW(params, lr=1e-4)
     inputs = example_inputs(config, batch, seq, device=device)
     ctx = _patched(model, None, True) if peftkern else contextlib.nullcontext()
+    if peftkern and method == "prefix":
+        from .integrations.prefix import accelerate
+
+        accelerate(model)
     res = {}
     with ctx, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -826,7 +832,7 @@ def measure(model: str, batch: int = 8, seq: int = 256, dtype="bfloat16", device
             continue
         row = {"method": m, "estimate": est["memory"], "measured": measure_step(small, m, batch, seq, dtype,
                                                                                 device, settings)}
-        if measurable_with_kernel(m):
+        if measurable_with_kernel(m, small):
             try:
                 row["measured_peftkern"] = measure_step(small, m, batch, seq, dtype, device, settings, peftkern=True)
             except Exception as e:  # a kernel failing here is reported, not hidden
