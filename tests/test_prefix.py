@@ -114,6 +114,22 @@ def test_no_sequence_keys_and_empty(backend):
     assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in leaves[1:])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_casts_like_sdpa(backend):
+    """Under autocast, mixed operands (Llama's RoPE leaves q, k in fp32, v in the autocast dtype) are
+    cast to the autocast dtype, as autocast does for SDPA; gradients come back in each leaf's dtype."""
+    dev, half = DEVICE.type, torch.float16  # bf16 tl.dot is broken under the interpreter
+    leaves, _ = make_inputs(2, 4, 2, 9, 9, 3, 16, torch.float32)
+    leaves[2] = leaves[2].detach().to(half).requires_grad_(True)
+    with peftkern.use_backend(backend), torch.autocast(dev, dtype=half):
+        out = prefix_attention(*leaves)
+        grads = torch.autograd.grad(out.float().sum(), leaves)
+    want = ref.attention(*[t.detach().to(half).double() for t in leaves], True, None, None)
+    assert out.dtype == half
+    torch.testing.assert_close(out.double(), want, atol=2e-3, rtol=2e-3)
+    assert [g.dtype for g in grads] == [t.dtype for t in leaves]
+
+
 def test_backward_deterministic():
     leaves, mask = make_inputs(3, 4, 2, 20, 20, 5, 16, torch.float32, mask="random")
     with peftkern.use_backend("triton"):

@@ -151,8 +151,13 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     (bottom-right aligned); `key_padding_mask` (B, S) bool (True = attend) masks sequence keys only, so
     a row whose sequence keys are all masked still attends the prefix. Default scale 1/sqrt(D).
     Returns (B, H, L, D) in q's dtype; gradients reach q, k, v and the prefix (a shared prefix's
-    gradient is summed over the batch).
+    gradient is summed over the batch). Under autocast every operand is cast to the autocast dtype
+    first, as autocast does for scaled_dot_product_attention.
     """
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v, prefix_k, prefix_v = (t.to(dt) for t in (q, k, v, prefix_k, prefix_v))
     _check(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, softmax_scale)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     out, _ = torch.ops.peftkern.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)

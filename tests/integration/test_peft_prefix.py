@@ -269,3 +269,19 @@ def test_saves_less_for_backward_than_peft():
                                       list(m.parameters())) for m in (ref, ours))
     prefix_copies = 2 * cfg.num_hidden_layers * batch * 8 * prefix_len * 32 * 4  # K and V, fp32
     assert b_peft - b_ours >= prefix_copies, (b_peft, b_ours)
+
+
+def test_autocast_matches_peft(op_calls):
+    """Mixed precision as users train: the model in fp32 under bf16 autocast (RoPE leaves q, k in fp32,
+    v in bf16; the op casts like autocast casts SDPA). Compared with peft under the same autocast."""
+    ref, ref64, ours = _models("llama")
+    ids, mask = _inputs()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16), peftkern.use_backend("torch"):
+        got, want = _step(ours, ids, mask), _step(ref, ids, mask)
+    assert len(op_calls) == 2
+    loss64 = _step(ref64, ids, mask)[0]
+    # both bf16 runs land near the fp64 loss, and near each other
+    assert abs(got[0] - loss64) < 0.02 * abs(loss64) and abs(want[0] - loss64) < 0.02 * abs(loss64)
+    for name, g in got[2].items():
+        err = (g - want[2][name]).norm() / want[2][name].norm()
+        assert err < 0.05, (name, err)
