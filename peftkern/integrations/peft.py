@@ -158,10 +158,9 @@ def _why_not(layer, x, args, kwargs) -> str | None:
     a_w = layer.lora_A[active[0]].weight
     if x.device != w.device or a_w.device != w.device:
         return "input, base weight and adapters are on different devices"
-    if torch.is_autocast_enabled(x.device.type):
-        if torch.get_autocast_dtype(x.device.type) not in _FLOATS:
-            return "autocast to an unsupported dtype"
-        return None
+    cdt = _backend.autocast_dtype(x.device.type)
+    if cdt is not None:
+        return None if cdt in _FLOATS else "autocast to an unsupported dtype"
     if x.dtype != w.dtype:
         return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
     if x.dtype != a_w.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
@@ -199,10 +198,10 @@ def _fused_forward(self, x, *args, **kwargs):
     p = float(drop.p) if type(drop) is nn.Dropout and drop.training else 0.0
     lb = self.lora_B[a0].bias  # lora_bias=True: s * b_B folds into the base bias of the fused GEMM
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    cdt = _backend.autocast_dtype(dev)
+    if cdt is not None:
         # Do what autocast does to peft's linears (cast every operand to the autocast dtype), then run the op
         # with autocast off so it does not recast the op's internals.
-        cdt = torch.get_autocast_dtype(dev)
         x_c, w, lora_a, lora_b = x.to(cdt), w.to(cdt), lora_a.to(cdt), lora_b.to(cdt)
         b = None if b is None else b.to(cdt)
         if lb is not None:

@@ -16,6 +16,7 @@ import types
 import torch
 from torch import nn
 
+from .. import _backend
 from ..ops import ia3 as _ia3_ops
 
 _MARK = "_peftkern_accelerated"
@@ -72,7 +73,7 @@ def _why_not(layer, x, args, kwargs) -> str | None:
         return "input is not a tensor of the base weight's dtype"
     if x.device != w.device:
         return "input and base weight are on different devices"
-    if torch.is_autocast_enabled(x.device.type):
+    if _backend.autocast_dtype(x.device.type) is not None:
         return "autocast (IA3 under autocast keeps peft's forward)"
     return None
 

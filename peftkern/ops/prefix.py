@@ -154,9 +154,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     gradient is summed over the batch). Under autocast every operand is cast to the autocast dtype
     first, as autocast does for scaled_dot_product_attention.
     """
-    dev = q.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
+    dt = _backend.autocast_dtype(q.device.type)
+    if dt is not None:
         q, k, v, prefix_k, prefix_v = (t.to(dt) for t in (q, k, v, prefix_k, prefix_v))
     _check(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, softmax_scale)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
