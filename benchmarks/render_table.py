@@ -9,7 +9,7 @@ The README carries no hand-typed numbers: its table lives between
 ``<!-- perf-table:start -->`` and ``<!-- perf-table:end -->`` and is regenerated from the committed
 results. Per op and case, each peftkern provider that ran gets a row with its median time, every
 baseline's median (same process, same inputs) and the speedup = baseline median / peftkern median,
-plus the bytes saved for backward (peftkern vs peft). By default the newest result per device is
+plus the bytes saved for backward (peftkern vs peft; for prefix, peft's expand + cat + SDPA path). By default the newest result per device is
 shown per set of ops; ``--all`` shows every file.
 """
 
@@ -132,7 +132,7 @@ def table(result: dict) -> str:
                 else:
                     bt = br[mode]["median_ms"]
                     cells.append(f"{_ms(bt)} ({bt / t:.2f}x)")
-            peft_row = by.get("peft", {})
+            peft_row = by.get("peft") or by.get("peft-sdpa") or {}  # prefix: peft's path is "peft-sdpa"
             saved = (f"{_bytes(r.get('saved_bytes'))} / {_bytes(peft_row.get('saved_bytes'))}"
                      if r.get("saved_bytes") is not None else "-")
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in [*cells, saved]) + " |")
