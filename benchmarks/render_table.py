@@ -9,8 +9,8 @@ The README carries no hand-typed numbers: its table lives between
 ``<!-- perf-table:start -->`` and ``<!-- perf-table:end -->`` and is regenerated from the committed
 results. Per op and case, each peftkern provider that ran gets a row with its median time, every
 baseline's median (same process, same inputs) and the speedup = baseline median / peftkern median,
-plus the bytes saved for backward (peftkern vs peft; for prefix, peft's expand + cat + SDPA path). By default the newest result per device is
-shown per set of ops; ``--all`` shows every file.
+plus the bytes saved for backward (peftkern vs peft; for prefix, peft's expand + cat + SDPA path).
+By default the newest result per device is shown per set of ops; ``--all`` shows every file.
 """
 
 from __future__ import annotations

@@ -292,9 +292,14 @@ def _newest_other_meta(folder: Path) -> dict | None:
     return None
 
 
+class BuildBusy(RuntimeError):
+    """Another process holds the build lock and the caller chose not to wait."""
+
+
 @contextlib.contextmanager
-def _locked():
-    """In-process RLock plus an fcntl.flock on <cache>/build.lock, re-entrant within a process."""
+def _locked(wait: bool = True):
+    """In-process RLock plus an fcntl.flock on <cache>/build.lock, re-entrant within a process.
+    With wait=False a lock held by another process raises BuildBusy instead of blocking."""
     global _flock_depth, _flock_file
     with _lock:
         if _flock_depth == 0:
@@ -304,6 +309,9 @@ def _locked():
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    f.close()
+                    raise BuildBusy(f"another process is building the CUDA extension ({root / LOCK_NAME})") from None
                 log.info("peftkern: waiting for another process building the CUDA extension (%s)",
                          root / LOCK_NAME)
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -433,7 +441,8 @@ def _no_build() -> bool:
 def load(build_if_missing: bool = True) -> Path:
     """Load the extension into this process (idempotent; thread- and process-safe) and return the
     .so path, building it first when missing or stale (unless PEFTKERN_NO_BUILD=1 or
-    `build_if_missing` is False, which raise RuntimeError saying why)."""
+    `build_if_missing` is False, which raise RuntimeError saying why). Without `build_if_missing` it
+    does not wait for another process's build either: it raises BuildBusy."""
     global _loaded_path
     import torch
 
@@ -441,7 +450,7 @@ def load(build_if_missing: bool = True) -> Path:
         if _loaded_path is not None:
             return _loaded_path
         folder = build_dir()
-        with _locked():
+        with _locked(wait=build_if_missing):
             why = _mismatch(read_meta(folder), folder)
             if why is not None:
                 if _no_build():
@@ -523,7 +532,8 @@ def status() -> dict:
 def available(build_if_missing: bool = False) -> tuple[bool, str]:
     """(True, "") when the CUDA ops can be called now: a CUDA device is present and the extension
     is loaded (loading a matching build from the cache, or building it when `build_if_missing`).
-    Else (False, reason). Results are cached for the process; a failed build is not retried."""
+    Else (False, reason). Results are cached for the process (a failed build is not retried), except
+    "another process is building it", which the next call checks again."""
     with _lock:
         if build_if_missing in _avail_cache:
             return _avail_cache[build_if_missing]
@@ -537,6 +547,8 @@ def available(build_if_missing: bool = False) -> tuple[bool, str]:
             try:
                 load(build_if_missing=build_if_missing and not _no_build())
                 res = (True, "")
+            except BuildBusy as e:  # auto dispatch must not stall a training step on someone's build
+                return False, str(e)
             except Exception as e:  # build/load failures become a reason, not a crash
                 reason = str(e)
                 if not build_if_missing and "not built" in reason:

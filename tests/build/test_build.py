@@ -173,6 +173,27 @@ def test_mismatch_other_archs_names_the_existing_build(built, fresh_state, monke
     assert not ok and why
 
 
+def test_load_without_build_does_not_wait_for_another_build(tmp_path, fresh_state, monkeypatch):
+    """Auto dispatch loads without building: a build lock held by another process must make it give
+    up at once (and ask again next time), not stall the caller for the length of a build."""
+    import fcntl
+
+    monkeypatch.setenv("PEFTKERN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with open(tmp_path / _ext.LOCK_NAME, "a+") as other:  # another open file: flock conflicts as across processes
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        t0 = time.perf_counter()
+        with pytest.raises(_ext.BuildBusy, match="another process is building"):
+            _ext.load(build_if_missing=False)
+        ok, why = _ext.available(build_if_missing=False)
+        assert not ok and "another process is building" in why
+        assert time.perf_counter() - t0 < 5
+        assert False not in _ext._avail_cache  # not cached: the next call checks again
+        fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+    ok, why = _ext.available(build_if_missing=False)  # lock free now: the real reason (nothing built here)
+    assert not ok and "another process" not in why
+
+
 def test_cuda_home_through_wrapper_script(tmp_path, monkeypatch):
     real = _ext.nvcc_path()
     if real is None:
