@@ -296,10 +296,26 @@ class BuildBusy(RuntimeError):
     """Another process holds the build lock and the caller chose not to wait."""
 
 
+def _flock_nb(f, patience_s: float) -> None:
+    """Take the lock without blocking, retrying for up to `patience_s`; BlockingIOError if still held."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+_BUSY_WAIT_S = 2.0  # wait=False still rides out a short hold (another process loading, not building)
+
+
 @contextlib.contextmanager
 def _locked(wait: bool = True):
     """In-process RLock plus an fcntl.flock on <cache>/build.lock, re-entrant within a process.
-    With wait=False a lock held by another process raises BuildBusy instead of blocking."""
+    With wait=False a lock another process holds for more than _BUSY_WAIT_S raises BuildBusy."""
     global _flock_depth, _flock_file
     with _lock:
         if _flock_depth == 0:
@@ -307,11 +323,12 @@ def _locked(wait: bool = True):
             root.mkdir(parents=True, exist_ok=True)
             f = open(root / LOCK_NAME, "a+")  # noqa: SIM115 - held across the context
             try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_nb(f, 0.0 if wait else _BUSY_WAIT_S)
             except BlockingIOError:
                 if not wait:
                     f.close()
-                    raise BuildBusy(f"another process is building the CUDA extension ({root / LOCK_NAME})") from None
+                    raise BuildBusy(f"another process holds the CUDA extension's build lock ({root / LOCK_NAME}): "
+                                    "it is building it") from None
                 log.info("peftkern: waiting for another process building the CUDA extension (%s)",
                          root / LOCK_NAME)
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -438,11 +455,11 @@ def _no_build() -> bool:
     return os.environ.get("PEFTKERN_NO_BUILD", "0") not in ("", "0")
 
 
-def load(build_if_missing: bool = True) -> Path:
+def load(build_if_missing: bool = True, wait: bool | None = None) -> Path:
     """Load the extension into this process (idempotent; thread- and process-safe) and return the
     .so path, building it first when missing or stale (unless PEFTKERN_NO_BUILD=1 or
-    `build_if_missing` is False, which raise RuntimeError saying why). Without `build_if_missing` it
-    does not wait for another process's build either: it raises BuildBusy."""
+    `build_if_missing` is False, which raise RuntimeError saying why). `wait` (default:
+    `build_if_missing`) False: do not wait for another process's build either, raise BuildBusy."""
     global _loaded_path
     import torch
 
@@ -450,7 +467,7 @@ def load(build_if_missing: bool = True) -> Path:
         if _loaded_path is not None:
             return _loaded_path
         folder = build_dir()
-        with _locked(wait=build_if_missing):
+        with _locked(wait=build_if_missing if wait is None else wait):
             why = _mismatch(read_meta(folder), folder)
             if why is not None:
                 if _no_build():
@@ -545,7 +562,8 @@ def available(build_if_missing: bool = False) -> tuple[bool, str]:
             res = (True, "")
         else:
             try:
-                load(build_if_missing=build_if_missing and not _no_build())
+                # An explicit cuda request waits for another process's build; auto dispatch does not.
+                load(build_if_missing=build_if_missing and not _no_build(), wait=build_if_missing)
                 res = (True, "")
             except BuildBusy as e:  # auto dispatch must not stall a training step on someone's build
                 return False, str(e)

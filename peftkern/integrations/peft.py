@@ -291,7 +291,11 @@ def accelerate(model: nn.Module) -> Summary:
         else:
             summary.reasons[why or "IA3 adapter disabled, merged or inactive"] += 1
     if _prefix.is_prefix_model(model):
-        summary.prefix_layers = _prefix.accelerate(model)
+        why = _prefix.why_not(model)
+        if why is None:
+            summary.prefix_layers = _prefix.accelerate(model)
+        else:
+            summary.reasons[why] += 1
     log.info("peftkern.accelerate(%s): %s", type(model).__name__, summary)
     return summary
 

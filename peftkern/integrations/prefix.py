@@ -2,21 +2,28 @@
 
 `accelerate(peft_model)` registers the attention function "peftkern_prefix" with transformers'
 AttentionInterface (and the 2-D padding mask with AttentionMaskInterface, as flash-attention gets, so no
-(B, 1, L, P + S) mask is built) and switches the base model to it. Two paths, both on the fused op:
+(B, 1, L, P + S) mask is built) and switches the base model to it. Causal-LM PeftModels on models that
+run attention through that interface only (`why_not` says why another is left to peft). Two paths, both
+on the fused op:
 
-- No cache asked for (training, scoring): the PeftModel's forward is replaced. The prefix is computed
-  once per step from peft's prompt encoder at batch size 1 — (2 * layers, Hkv, P, D), no batch expand —
-  and handed to every attention layer as a keyword argument through transformers' kwargs plumbing. The
-  sequence K/V are never concatenated with it; the kernel reads it in place and reduces its gradient
-  over the batch. Positions start at P, as peft's cache implies.
-- `use_cache=True`, a cache passed in, generate(): peft's own path. Its DynamicCache holds [prefix ;
-  sequence] per layer; the attention function splits that into views (no copy) for the kernel.
+- No cache (training mode, or `use_cache=False`): the PeftModel's forward is replaced. The prefix is
+  computed once per step from peft's prompt encoder at batch size 1 — (2 * layers, Hkv, P, D), no
+  batch expand — and handed to every attention layer as a keyword argument through transformers'
+  kwargs plumbing. The sequence K/V are never concatenated with it; the kernel reads it in place and
+  reduces its gradient over the batch. Positions start at P, as peft's cache implies.
+- A cache (eval with the config's `use_cache`, `use_cache=True`, a cache passed in, generate()):
+  peft's own path. Its DynamicCache holds [prefix ; sequence] per layer; the attention function
+  splits that into views (no copy) for the kernel.
+
+`disable_adapter()` switches the attention back to the model's own for its duration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
+import warnings
 
 import torch
 
@@ -39,9 +46,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if dropout:
         raise ValueError(f"{NAME} attention has no attention dropout (got {dropout}): set the model's "
                          "attention dropout to 0")
-    for name in ("softcap", "sliding_window"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"{NAME} attention does not support {name}")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{NAME} attention does not support softcap")
     kv = kwargs.get(KWARG)
     if kv is not None:
         pk, pv = kv[2 * module.layer_idx], kv[2 * module.layer_idx + 1]
@@ -54,6 +60,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if (pk.shape[-3], pk.shape[-1]) != (key.shape[1], key.shape[3]):
         raise ValueError(f"{NAME} attention: prefix {tuple(pk.shape)} does not match keys {tuple(key.shape)} "
                          "(PrefixTuningConfig num_attention_heads / token_dim vs the model's KV heads)")
+    window = kwargs.get("sliding_window")
+    if window is not None and pk.shape[-2] + key.shape[2] > window:  # within the window it changes nothing
+        raise ValueError(f"{NAME} attention has no sliding window: P + S = {pk.shape[-2] + key.shape[2]} keys "
+                         f"exceed the model's window of {window}")
     pad = None
     if attention_mask is not None:
         if attention_mask.dim() != 2:
@@ -111,47 +121,52 @@ def _attention_modules(base) -> list:
             and any(hasattr(m, n) for n in _QKV)]
 
 
-def _no_concat_why_not(peft_model) -> str | None:
-    """Why the no-concat forward cannot serve this model (None: it can)."""
+def why_not(peft_model) -> str | None:
+    """Why `accelerate` leaves this prefix-tuning model to peft (None: it takes it)."""
     from peft import PeftModelForCausalLM
 
     cfg = peft_model.active_peft_config
+    base = peft_model.get_base_model()
     if not isinstance(peft_model, PeftModelForCausalLM):
-        return f"{type(peft_model).__name__} (only causal-LM PeftModels get the no-concat forward)"
+        return f"prefix-tuning {type(peft_model).__name__} (only causal-LM PeftModels are accelerated)"
     if cfg.num_transformer_submodules != 1:
-        return "encoder-decoder prefix"
-    idx = sorted(m.layer_idx for m in _attention_modules(peft_model.get_base_model()))
+        return "encoder-decoder prefix-tuning"
+    if not getattr(base, "_supports_attention_backend", False):
+        return f"prefix-tuning on {type(base).__name__}, whose attention does not use transformers' interface"
+    idx = sorted(m.layer_idx for m in _attention_modules(base))
     if idx != list(range(cfg.num_layers)):
-        return f"attention layers {idx} do not map one to one onto the prefix's {cfg.num_layers} layers"
+        return (f"prefix-tuning on {type(base).__name__}: attention layers {idx} do not map one to one onto "
+                f"the prefix's {cfg.num_layers} layers")
     return None
 
 
 def accelerate(peft_model) -> int:
-    """Run a peft PrefixTuning model's attention on peftkern::prefix_attention, in place; returns the
-    number of attention layers routed. Logs which forward (no-concat or peft's cache) it takes."""
+    """Run a peft PrefixTuning causal LM's attention on peftkern::prefix_attention, in place; returns
+    the number of attention layers routed. Raises ValueError saying why for a model it cannot take."""
     if not is_prefix_model(peft_model):
         raise ValueError("accelerate() takes a prefix-tuning PeftModel, got peft_type="
                          f"{getattr(getattr(peft_model, 'active_peft_config', None), 'peft_type', None)}")
+    why = why_not(peft_model)
+    if why is not None:
+        raise ValueError(f"peftkern cannot accelerate this model: {why}")
     register()
     base = peft_model.get_base_model()
     mods = _attention_modules(base)
-    if not mods:
-        raise ValueError(f"found no attention modules (an int layer_idx and one of {_QKV}) in the base model")
     P = peft_model.active_peft_config.num_virtual_tokens
-    for mod in mods:
-        setattr(mod, _LEN, P)
     if _STATE not in peft_model.__dict__:
-        setattr(peft_model, _STATE, base.config._attn_implementation)
+        before = base.config._attn_implementation
+        base.set_attn_implementation(NAME)
+        if base.config._attn_implementation != NAME:  # transformers declined (it warns, it does not raise)
+            raise ValueError(f"peftkern cannot accelerate this model: {type(base).__name__} kept attention "
+                             f"implementation {base.config._attn_implementation!r}")
+        setattr(peft_model, _STATE, before)
         # Bound methods in the instance dict: nn.Module.__call__ finds them, deepcopy rebinds them.
         peft_model.get_prompt = types.MethodType(_marked_get_prompt, peft_model)
+        peft_model.forward = types.MethodType(_no_concat_forward, peft_model)
+        peft_model.disable_adapter = types.MethodType(_disable_adapter, peft_model)
         base.register_forward_pre_hook(_check_cache, with_kwargs=True)
-        why = _no_concat_why_not(peft_model)
-        if why is None:
-            peft_model.forward = types.MethodType(_no_concat_forward, peft_model)
-        else:
-            log.info("peftkern prefix: %s keeps peft's cache path (prefix read as views): %s",
-                     type(base).__name__, why)
-    base.set_attn_implementation(NAME)
+    for mod in mods:
+        setattr(mod, _LEN, P)
     return len(mods)
 
 
@@ -161,7 +176,7 @@ def restore(peft_model) -> bool:
     if _STATE not in peft_model.__dict__:
         return False
     base = peft_model.get_base_model()
-    for name in ("forward", "get_prompt"):
+    for name in ("forward", "get_prompt", "disable_adapter"):
         peft_model.__dict__.pop(name, None)
     for key, hook in list(base._forward_pre_hooks.items()):
         if hook is _check_cache:
@@ -184,6 +199,18 @@ def _marked_get_prompt(self, batch_size, *args, **kwargs):
     return cache
 
 
+@contextlib.contextmanager
+def _disable_adapter(self):
+    """peft's disable_adapter runs the base model's forward directly: give it its own attention back."""
+    base = self.get_base_model()
+    base.set_attn_implementation(self.__dict__[_STATE])
+    try:
+        with type(self).disable_adapter(self):
+            yield
+    finally:
+        base.set_attn_implementation(NAME)
+
+
 def _check_cache(module, args, kwargs):
     """Forward pre-hook on the base model: it must run with the prefix, either passed down by the
     no-concat forward or in a cache peft's get_prompt made. Some transformers / peft pairs run generate()
@@ -200,9 +227,14 @@ def _check_cache(module, args, kwargs):
 def _no_concat_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                        output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
                        **kwargs):
-    """PeftModelForCausalLM.forward for prefix tuning without the cache: same outputs, same gradients."""
-    cache_asked = (kwargs.get("use_cache") is True or kwargs.get("past_key_values") is not None
-                   or kwargs.get("cache") is not None)
+    """PeftModelForCausalLM.forward for prefix tuning without the cache: same outputs, same gradients.
+    Takes peft's cache path where a cache is wanted: one passed in, `use_cache=True`, or in eval mode
+    the config's `use_cache` (so outputs carry past_key_values as peft's do). Training-mode outputs
+    carry no cache."""
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = not self.training and bool(getattr(self.get_base_model().config, "use_cache", False))
+    cache_asked = use_cache or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
     if cache_asked or not is_prefix_model(self):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions,
@@ -217,6 +249,10 @@ def _no_concat_forward(self, input_ids=None, attention_mask=None, inputs_embeds=
     else:
         position_ids = position_ids + P
     kwargs.pop("use_cache", None)
+    if kwargs.get("token_type_ids") is not None:  # as peft does for prompt learning
+        warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids",
+                      stacklevel=2)
+        kwargs["token_type_ids"] = None
     kwargs[KWARG] = prefix_kv(self)
     return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                            labels=labels, output_attentions=output_attentions,

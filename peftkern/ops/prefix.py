@@ -9,6 +9,8 @@ the batch (the forward has no CUDA C++ kernel, so a cuda request runs it on trit
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -154,10 +156,13 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     gradient is summed over the batch). Under autocast every operand is cast to the autocast dtype
     first, as autocast does for scaled_dot_product_attention.
     """
-    dt = _backend.autocast_dtype(q.device.type)
+    dev = q.device.type
+    dt = _backend.autocast_dtype(dev)
     if dt is not None:
         q, k, v, prefix_k, prefix_v = (t.to(dt) for t in (q, k, v, prefix_k, prefix_v))
     _check(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, softmax_scale)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    out, _ = torch.ops.peftkern.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+    # Autocast off inside: the torch backend's fp32 upcasts must not be cast back down.
+    with torch.autocast(dev, enabled=False) if dt is not None else contextlib.nullcontext():
+        out, _ = torch.ops.peftkern.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
     return out

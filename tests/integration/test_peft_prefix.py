@@ -133,17 +133,118 @@ def test_gradient_checkpointing_matches_peft(op_calls):
     _assert_same(got, _step(ref, ids, mask), _step(ref64, ids, mask), mask)
 
 
-def test_cache_forward_takes_peft_path_on_the_kernel(op_calls):
-    """use_cache=True keeps peft's cache (so past_key_values come back); the kernel reads its prefix as views."""
+@pytest.mark.parametrize("how", ["use_cache=True", "eval default"])
+def test_cache_forward_takes_peft_path_on_the_kernel(how, op_calls):
+    """A forward that wants a cache (use_cache=True, or eval mode with the config's use_cache) keeps
+    peft's cache, so past_key_values come back as peft's do; the kernel reads its prefix as views."""
     ref, _, ours = _models("llama")
     ids, mask = _inputs()
+    kw = {"use_cache": True} if how == "use_cache=True" else {}
+    ours.eval()
+    ref.eval()
     with torch.no_grad():
-        out = ours(input_ids=ids, attention_mask=mask, use_cache=True)
-        want = ref(input_ids=ids, attention_mask=mask, use_cache=True)
+        out = ours(input_ids=ids, attention_mask=mask, **kw)
+        want = ref(input_ids=ids, attention_mask=mask, **kw)
     assert op_calls == [((B, 2, L, 16), (B, 2, P, 16))] * 2
     assert out.past_key_values.get_seq_length() == P + L
     keep = mask.bool()
     torch.testing.assert_close(out.logits[keep], want.logits[keep], atol=2e-5, rtol=2e-5)
+    ours.train()
+    with torch.no_grad():
+        assert ours(input_ids=ids, attention_mask=mask).past_key_values is None  # training mode: no cache
+    assert op_calls[-1] == ((B, 2, L, 16), (2, P, 16))
+
+
+def test_disable_adapter_runs_the_base_model(op_calls):
+    """peft's disable_adapter calls the base model's forward directly (no prefix): the model's own
+    attention must run inside it, and the kernel again after it."""
+    ref, _, ours = _models("llama")
+    ids, mask = _inputs()
+    with torch.no_grad():
+        with ref.disable_adapter():
+            want = ref(input_ids=ids, attention_mask=mask).logits
+        with ours.disable_adapter():
+            got = ours(input_ids=ids, attention_mask=mask).logits
+        assert op_calls == []
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-6, rtol=1e-6)
+        again = ours(input_ids=ids, attention_mask=mask).logits
+        peft_out = ref(input_ids=ids, attention_mask=mask).logits
+    assert len(op_calls) == 2
+    torch.testing.assert_close(again[mask.bool()], peft_out[mask.bool()], atol=2e-5, rtol=2e-5)
+
+
+def test_token_type_ids_ignored_as_peft_does(op_calls):
+    ref, _, ours = _models("gpt2")
+    ids, mask = _inputs()
+    tti = torch.ones_like(ids)
+    with pytest.warns(UserWarning, match="Token type ids"):
+        got = ours(input_ids=ids, attention_mask=mask, token_type_ids=tti).logits
+    with pytest.warns(UserWarning, match="Token type ids"):
+        want = ref(input_ids=ids, attention_mask=mask, token_type_ids=tti).logits
+    assert len(op_calls) == 2
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=2e-5, rtol=2e-5)
+
+
+def test_sliding_window_wider_than_the_keys_is_full_attention(op_calls):
+    """Mistral-style sliding_window changes nothing while P + S fit in it; beyond, the kernel refuses."""
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=P + L)
+    base = transformers.MistralForCausalLM(cfg).to(DEVICE)
+    base.set_attn_implementation("sdpa")
+    ref = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    ours = copy.deepcopy(ref)
+    peftkern.accelerate(ours)
+    ids, mask = _inputs()
+    got, want = _step(ours, ids, mask), _step(ref, ids, mask)
+    assert len(op_calls) == 2
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=2e-5)
+    ours.get_base_model().config.sliding_window = P + L - 1
+    with pytest.raises(ValueError, match="no sliding window"):
+        ours(input_ids=ids, attention_mask=mask)
+
+
+def _bloom():
+    cfg = transformers.BloomConfig(vocab_size=V, hidden_size=64, n_layer=2, n_head=4)
+    return transformers.BloomForCausalLM(cfg), "CAUSAL_LM"
+
+
+def _bart():
+    cfg = transformers.BartConfig(vocab_size=V, d_model=64, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64)
+    return transformers.BartForConditionalGeneration(cfg), "SEQ_2_SEQ_LM"
+
+
+def _llama_seq_cls():
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    return transformers.LlamaForSequenceClassification(cfg), "SEQ_CLS"
+
+
+@pytest.mark.parametrize("build,why", [(_bloom, "does not use transformers' interface"),
+                                       (_bart, "only causal-LM"), (_llama_seq_cls, "only causal-LM")])
+def test_models_it_cannot_take_keep_peft(build, why, caplog, op_calls):
+    """Bloom-style attention (no attention interface), seq2seq and non-LM heads: peftkern.accelerate
+    leaves them to peft and says why; the direct integration call refuses."""
+    torch.manual_seed(0)
+    base, task = build()
+    base = base.to(DEVICE).eval()
+    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=P))
+    before = copy.deepcopy(model)
+    with caplog.at_level(logging.INFO, logger="peftkern"):
+        summary = peftkern.accelerate(model)
+    assert summary.prefix_layers == 0 and any(why in r for r in summary.reasons), summary
+    assert model.get_base_model().config._attn_implementation == before.get_base_model().config._attn_implementation
+    ids, mask = _inputs(padded=False)
+    kw = {"decoder_input_ids": ids} if task == "SEQ_2_SEQ_LM" else {}
+    if task != "SEQ_CLS":  # peft 0.21 + transformers 5 cannot run prefix-tuning SEQ_CLS at all
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, **kw).logits,
+                                       before(input_ids=ids, attention_mask=mask, **kw).logits)
+    assert op_calls == []
+    with pytest.raises(ValueError, match=why):
+        integ.accelerate(model)
 
 
 def test_reloaded_adapter_in_inference_mode(tmp_path, op_calls):
