@@ -224,6 +224,15 @@ def _check_cache(module, args, kwargs):
                            "transformers/peft pair drops it, e.g. in generate()); call the PeftModel itself")
 
 
+def _reentrant_checkpointing(base) -> bool:
+    for mod in base.modules():
+        if getattr(mod, "gradient_checkpointing", False) is True:
+            fn = getattr(mod, "_gradient_checkpointing_func", None)
+            if (getattr(fn, "keywords", None) or {}).get("use_reentrant") is True:
+                return True
+    return False
+
+
 def _no_concat_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                        output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
                        **kwargs):
@@ -240,6 +249,10 @@ def _no_concat_forward(self, input_ids=None, attention_mask=None, inputs_embeds=
                                   inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions,
                                   output_hidden_states=output_hidden_states, return_dict=return_dict,
                                   task_ids=task_ids, **kwargs)
+    if self.training and _reentrant_checkpointing(self.get_base_model()):
+        raise ValueError(f"{NAME}: reentrant gradient checkpointing recomputes each layer in its own backward, "
+                         "which cannot share the one prefix tensor; use gradient_checkpointing_kwargs="
+                         "{'use_reentrant': False} (transformers' default)")
     P = self.active_peft_config.num_virtual_tokens
     x = input_ids if input_ids is not None else inputs_embeds
     position_ids = kwargs.pop("position_ids", None)

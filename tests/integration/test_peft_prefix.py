@@ -133,6 +133,15 @@ def test_gradient_checkpointing_matches_peft(op_calls):
     _assert_same(got, _step(ref, ids, mask), _step(ref64, ids, mask), mask)
 
 
+def test_reentrant_checkpointing_is_refused_clearly():
+    _, _, ours = _models("llama")
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    ours.train()
+    ids, mask = _inputs()
+    with pytest.raises(ValueError, match="use_reentrant"):
+        ours(input_ids=ids, attention_mask=mask, labels=ids)
+
+
 @pytest.mark.parametrize("how", ["use_cache=True", "eval default"])
 def test_cache_forward_takes_peft_path_on_the_kernel(how, op_calls):
     """A forward that wants a cache (use_cache=True, or eval mode with the config's use_cache) keeps
