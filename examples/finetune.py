@@ -1,13 +1,14 @@
-"""Fine-tune a small Llama-architecture model with peft LoRA, with and without peftkern, side by side.
+"""Fine-tune a small Llama-architecture model with peft (LoRA or prefix tuning), with and without peftkern.
 
 The model is built from a LlamaConfig (no download) and trained character by character on the text file in
 examples/data/. Both runs start from the same weights and see the same batches; they alternate step by step
 so a busy machine slows both alike. LoRA dropout masks come from different generators (peft's nn.Dropout vs
-the op's seeded mask), so the two loss curves agree closely but not bit for bit; with --dropout 0 they agree
-to rounding.
+the op's seeded mask), so the two loss curves agree closely but not bit for bit; with --dropout 0 (and with
+prefix tuning, which has no dropout) they agree to rounding.
 
-    python examples/finetune_lora.py                      # CPU, a few seconds per 10 steps
-    python examples/finetune_lora.py --device cuda --hidden 1024 --layers 8 --seq 512 --batch 8 --dtype bfloat16
+    python examples/finetune.py                           # LoRA on CPU, a few seconds per 10 steps
+    python examples/finetune.py --method prefix           # prefix tuning, 16 virtual tokens
+    python examples/finetune.py --device cuda --hidden 1024 --layers 8 --seq 512 --batch 8 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def build(vocab: int, args, device, dtype):
                       num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 32),
                       num_key_value_heads=max(1, args.hidden // 64), max_position_embeddings=args.seq)
     model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    if args.method == "prefix":
+        return peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                  num_virtual_tokens=args.virtual_tokens))
     lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
                            target_modules="all-linear")
     # peft keeps adapters in fp32 on a half-precision base (autocast_adapter_dtype=True, its default).
@@ -67,7 +71,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--method", default="lora", choices=["lora", "prefix"])
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    ap.add_argument("--virtual-tokens", type=int, default=16, help="prefix length (prefix tuning)")
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--steps", type=int, default=60)
@@ -87,8 +93,10 @@ def main(argv=None) -> int:
     plain = build(len(tok.chars), args, device, dtype)
     fast = copy.deepcopy(plain)
     summary = accelerate(fast)
+    method = (f"prefix tuning, {args.virtual_tokens} virtual tokens" if args.method == "prefix"
+              else f"LoRA r={args.rank} on all linears")
     print(f"model: Llama hidden={args.hidden} layers={args.layers} vocab={len(tok.chars)} (characters), "
-          f"LoRA r={args.rank} on all linears; {sum(p.numel() for p in plain.parameters() if p.requires_grad):,} "
+          f"{method}; {sum(p.numel() for p in plain.parameters() if p.requires_grad):,} "
           f"trainable parameters; {args.device} {args.dtype}")
     print(f"peftkern: {summary}")
 
