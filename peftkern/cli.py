@@ -29,20 +29,26 @@ def _bench(args) -> int:
         print(f"  [{time.time() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     rows = []
+
+    def save_json():
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "preset": preset, "quick": args.quick, "rows": rows}, f, indent=1)
+
     for op in args.ops:
         mod = importlib.import_module(f"peftkern.bench.{op}")
         op_rows = mod.run(preset, dtype, device, args.quick, _timing.timeit, _timing.peak_bytes, progress,
                           compile_baseline)
         rows += _table.speedups(op_rows, mod.BASELINES)
         print(_table.table(op_rows, mod.BASELINES), flush=True)
+        if args.json:
+            save_json()  # after every op: a run cut off by a time limit keeps what it measured
     if args.plot:
         from .bench._plot import plot
 
         plot(rows, args.plot)
         print(f"wrote {args.plot}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "preset": preset, "quick": args.quick, "rows": rows}, f, indent=1)
+        save_json()
         print(f"wrote {args.json}")
     errors = [r for r in rows if "error" in r]
     return 1 if errors else 0
