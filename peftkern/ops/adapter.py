@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import _backend, _validate
 from ..reference import adapter as ref
+from ._out import own
 
 ACTIVATIONS = ref.ACTIVATIONS
 CUDA_MAX_R = 128
@@ -63,7 +64,7 @@ def bottleneck_adapter_op(
                                                 scaling, cdt)
     else:
         y, z = ref.bottleneck_adapter_fwd(x2d, down_weight, down_bias, up_weight, up_bias, res2d, activation, scaling)
-    return y.reshape(x.shape), z
+    return own(y, x.shape), z
 
 
 @bottleneck_adapter_op.register_fake
@@ -92,7 +93,7 @@ def bottleneck_adapter_backward_op(
         out = ref.bottleneck_adapter_bwd(dy2d, x2d, z, down_weight, up_weight, activation, scaling, has_residual,
                                          need_dx, need_params)
     dx, *params = out
-    dx = dx.reshape(x.shape) if need_dx else x.new_empty((0,))
+    dx = own(dx, x.shape) if need_dx else x.new_empty((0,))
     params = [p if need_params else down_weight.new_empty((0,)) for p in params]
     return (dx, *params)
 

@@ -13,8 +13,9 @@ What backward keeps, and why:
     no smaller for square layers and bigger for GQA's narrow k/v projections; saving y is never
     more than peft's saved Z, and is shared with whatever downstream also saves y (attention saves
     V). It needs y rounded once from fp32, which both the Triton epilogue and the cuda path do.
-    Limit: an entry of l that is exactly 0 makes its dl NaN (y carries no Z there); peft itself
-    divides by l to unmerge. x is kept only when the base weight is trainable (dW needs it).
+    Limits: an entry of l that is exactly 0 makes its dl NaN (y carries no Z there); peft itself
+    divides by l to unmerge. Modifying y in place before backward is caught by autograd's version
+    check (as for any op that saves its result). x is kept only when the base weight is trainable.
 Backward is an op too (peftkern::ia3_linear_backward); it runs on the backend that was requested
 when the forward ran (passed as an argument, so it survives autograd's worker threads and compile).
 """
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from .. import _backend, _validate
 from ..reference import ia3 as ref
+from ._out import own
 
 
 def _triton():
@@ -91,7 +93,7 @@ def ia3_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor,
         y = _triton().ia3_linear_fwd(x2d, weight, bias, ia3_l, feedforward)
     else:
         y = ref.ia3_linear_fwd(x2d, weight, bias, ia3_l, feedforward)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return own(y, (*x.shape[:-1], weight.shape[0]))
 
 
 @ia3_linear_op.register_fake
@@ -112,7 +114,7 @@ def ia3_linear_backward_op(
         name = _backend.dispatch("ia3_linear_backward", dy.device, _BWD_BACKENDS)
     impl = {"cuda": _cuda_bwd, "triton": lambda *a: _triton().ia3_linear_bwd(*a)}.get(name, ref.ia3_linear_bwd)
     dx, dl = impl(dy2d, s2d, weight, ia3_l, feedforward, need_dx, need_dl)
-    dx = dx.reshape(*dy.shape[:-1], weight.shape[1]) if need_dx else dy.new_empty((0,))
+    dx = own(dx, (*dy.shape[:-1], weight.shape[1])) if need_dx else dy.new_empty((0,))
     return dx, (dl if need_dl else ia3_l.new_empty((0,)))
 
 

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .. import _backend, _validate
 from ..reference import lora as ref
+from ._out import own
 
 _MAX_SEED = 2**31 - 1
 
@@ -67,7 +68,7 @@ def lora_linear_op(
         y, t = _triton().lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, s)
     else:
         y, t = ref.lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, s)
-    return y.reshape(*x.shape[:-1], weight.shape[0]), t
+    return own(y, (*x.shape[:-1], weight.shape[0])), t
 
 
 @lora_linear_op.register_fake
@@ -92,7 +93,7 @@ def lora_linear_backward_op(
     backend = _backend.dispatch("lora_linear_backward", x.device, _bwd_backends(lora_A.shape[0]), requested=backend)
     impl = _triton().lora_linear_bwd if backend == "triton" else ref.lora_linear_bwd
     dx, d_a, d_b = impl(dy2d, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, s, need_dx, need_ab)
-    dx = dx.reshape(x.shape) if need_dx else x.new_empty((0,))
+    dx = own(dx, x.shape) if need_dx else x.new_empty((0,))
     if not need_ab:
         d_a, d_b = lora_A.new_empty((0,)), lora_B.new_empty((0,))
     return dx, d_a, d_b
