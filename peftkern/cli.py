@@ -8,6 +8,8 @@ import json
 import sys
 import time
 
+from . import _cli_args
+
 OPS = ("lora", "adapter", "ia3", "prefix", "e2e")
 
 
@@ -95,14 +97,16 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="benchmark peftkern against peft, eager, torch.compile and the base layer")
     b.add_argument("ops", nargs="*", help=f"which ops: {', '.join(OPS)} or all (default: all)")
-    b.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    b.add_argument("--device", type=_cli_args.device, help="cpu or cuda (default: cuda if available)")
     b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="activation dtype")
     b.add_argument("--preset", choices=["llama-7b", "llama-1b", "tiny"], help="shapes (default by device)")
     b.add_argument("--quick", action="store_true", help="fewer repetitions and smaller CPU shapes")
     b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile of peft's layer (default: on CUDA only)")
-    b.add_argument("--json", help="write results (with device, commit, versions) to this path")
-    b.add_argument("--plot", help="write a PNG of the speedups (needs matplotlib: peftkern[plot])")
+    b.add_argument("--json", type=_cli_args.output_path,
+                   help="write results (with device, commit, versions) to this path")
+    b.add_argument("--plot", type=_cli_args.output_path,
+                   help="write a PNG of the speedups (needs matplotlib: peftkern[plot])")
     b.set_defaults(fn=_bench)
     i = sub.add_parser("info", help="versions, backends available and why not")
     i.set_defaults(fn=_info)

@@ -76,6 +76,7 @@ import contextvars
 import dataclasses
 import importlib
 import json
+import os
 import re
 import sys
 import warnings
@@ -86,6 +87,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import _cli_args
 
 # ----------------------------------------------------------------------------------------------
 # Model presets: published hyperparameters (RoBERTa: Liu et al. 2019; T5: Raffel et al. 2020;
@@ -159,12 +162,14 @@ _SITES = {
                  ffn_in=r"(?P<block>.*\.layer\.\d+\.)intermediate\.dense"),
     "llama": dict(attn_out=r"(?P<block>.*\.layers\.\d+\.)self_attn\.o_proj",
                   ffn_out=r"(?P<block>.*\.layers\.\d+\.)mlp", ffn_in=r"(?P<block>.*\.layers\.\d+\.)mlp"),
+    "gpt2": dict(attn_out=r"(?P<block>.*\.h\.\d+\.)attn\.c_proj", ffn_out=r"(?P<block>.*\.h\.\d+\.)mlp",
+                 ffn_in=r"(?P<block>.*\.h\.\d+\.)mlp"),
     "t5": dict(attn_out=r"(?P<block>.*\.block\.\d+\.)layer\.0\.SelfAttention\.o",
                ffn_out=r"(?P<block>.*\.block\.\d+\.layer\.\d+\.)DenseReluDense",
                ffn_in=r"(?P<block>.*\.block\.\d+\.layer\.\d+\.)DenseReluDense"),
 }
 _FAMILY = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert", "llama": "llama",
-           "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "t5": "t5", "mt5": "t5"}
+           "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "t5": "t5", "mt5": "t5", "gpt2": "gpt2"}
 _ENCODERS = {"bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "albert"}
 
 
@@ -180,14 +185,25 @@ def load_config(name: str):
     if name in PRESETS:
         model_type, kw = PRESETS[name]
         return AutoConfig.for_model(model_type, **kw)
+    path = os.path.join(name, "config.json") if os.path.isdir(name) else name  # a checkpoint folder
     try:
-        with open(name) as f:
+        with open(path) as f:
             d = json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"unknown model {name!r}: a preset ({', '.join(PRESETS)}) or a config JSON path") from None
-    if "model_type" not in d:
-        raise ValueError(f"{name}: a transformers config JSON needs a 'model_type' field")
-    return AutoConfig.for_model(d.pop("model_type"), **d)
+        raise ValueError(f"unknown model {name!r}: a preset ({', '.join(PRESETS)}) or a config JSON path "
+                         "(or a folder holding config.json)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a config JSON: {e}") from None
+    if not isinstance(d, dict) or "model_type" not in d:
+        raise ValueError(f"{path}: a transformers config JSON needs a 'model_type' field")
+    model_type = d.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except ValueError:
+        import transformers
+
+        raise ValueError(f"{path}: model_type {model_type!r} is unknown to transformers "
+                         f"{transformers.__version__}") from None
 
 
 def model_kind(config) -> str:
@@ -434,7 +450,7 @@ def _ia3_kernel_forward(layer, x, *args, **kwargs):
     (name,) = [a for a in layer.active_adapters if a in layer.ia3_l]
     fn = _use("ia3_linear")
     if fn is not None:
-        return fn(x, base.weight, base.bias, layer.ia3_l[name], feedforward=bool(layer.is_feedforward))
+        return fn(x, _out_in(base), base.bias, layer.ia3_l[name].flatten(), feedforward=bool(layer.is_feedforward))
     shape = (*x.shape[:-1], base.out_features)
     return _KernelModel.apply((shape, x.dtype, lambda i, o: (i[0],)), x, layer.ia3_l[name])
 
@@ -446,8 +462,15 @@ def _lora_kernel_forward(layer, x, *args, **kwargs):
     drop = layer.lora_dropout[name]
     p = drop.p if isinstance(drop, nn.Dropout) and layer.training else 0.0
     base = layer.get_base_layer()
-    return lora_linear(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+    return lora_linear(x, _out_in(base), base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
                        float(layer.scaling[name]), p)
+
+
+def _out_in(base: nn.Module) -> torch.Tensor:
+    """The base layer's weight as (out, in): GPT-2's Conv1D stores (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return base.weight.t() if isinstance(base, Conv1D) else base.weight
 
 
 def _dropout_model(mod, x):
@@ -705,6 +728,17 @@ def config_summary(config) -> dict:
             "hidden": config.hidden_size, "heads": config.num_attention_heads, "vocab": config.vocab_size}
 
 
+def _safe_row(config, method, *args) -> dict:
+    """method_row, or a row saying why it failed: one method must not take the whole report down."""
+    try:
+        return method_row(config, method, *args)
+    except Exception as e:  # reported in the row, not hidden
+        meth = _BY_KEY[method]
+        return {"method": method, "name": meth.name, "kernel": meth.kernel or "none needed",
+                "kernel_available": kernel_available(meth.kernel), "setting": "",
+                "note": f"n/a: failed: {type(e).__name__}: {e}"[:200]}
+
+
 def report(model: str, batch: int = 8, seq: int = 256, dtype="bfloat16", target: str = "cuda",
            methods=METHOD_KEYS, settings: Settings | None = None, memory: bool = True) -> dict:
     """The whole report for `model` (preset or config JSON path) as a dict."""
@@ -712,7 +746,7 @@ def report(model: str, batch: int = 8, seq: int = 256, dtype="bfloat16", target:
     settings = settings or Settings()
     dt = _dtype(dtype)
     base_params = _n_params(build_model(config, dt).parameters())
-    rows = [method_row(config, m, batch, seq, dt, settings, target, base_params, memory) for m in methods]
+    rows = [_safe_row(config, m, batch, seq, dt, settings, target, base_params, memory) for m in methods]
     return {"model": model, "config": config_summary(config), "base_params": base_params, "batch": batch,
             "seq": seq, "dtype": str(dt).split(".")[-1], "target": target, "settings": dataclasses.asdict(settings),
             "rows": rows}
@@ -992,8 +1026,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True,
                    help=f"a preset ({', '.join(PRESETS)}) or a transformers config JSON path (built on meta)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--batch", type=_cli_args.positive_int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq", type=_cli_args.positive_int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16",
                    help="base model / activation dtype (default bfloat16)")
     p.add_argument("--target", choices=["cuda", "cpu"], default="cuda",
@@ -1002,10 +1036,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, default=Settings.lora_dropout, help="LoRA dropout (default 0.1)")
     p.add_argument("--measure", action="store_true",
                    help="also run a real training step on a scaled-down model and print estimate vs measured")
-    p.add_argument("--device", help="device for --measure (default cuda if available)")
-    p.add_argument("--measure-batch", type=int, help="batch for --measure (default --batch)")
-    p.add_argument("--measure-seq", type=int, help="seq for --measure (default --seq)")
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--device", type=_cli_args.device, help="device for --measure (default cuda if available)")
+    p.add_argument("--measure-batch", type=_cli_args.positive_int, help="batch for --measure (default --batch)")
+    p.add_argument("--measure-seq", type=_cli_args.positive_int, help="seq for --measure (default --seq)")
+    p.add_argument("--json", metavar="PATH", type=_cli_args.output_path, help="also write the report as JSON")
     p.add_argument("--markdown", action="store_true", help="print markdown tables instead of text")
     p.set_defaults(fn=_run)
     return p

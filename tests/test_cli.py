@@ -52,3 +52,34 @@ def test_unknown_op_is_an_error(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "lorax"])
     assert "unknown op" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--json", "/nonexistent-peftkern-dir/r.json"], "does not exist"),
+    (["bench", "--plot", "/nonexistent-peftkern-dir/r.png"], "does not exist"),
+    (["bench", "--device", "gpu"], "expected cpu, cuda or cuda:N"),
+    (["report", "--model", "llama-7b", "--batch", "0"], "positive integer"),
+    (["report", "--model", "llama-7b", "--json", "/nonexistent-peftkern-dir/r.json"], "does not exist"),
+])
+def test_bad_arguments_fail_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cuda_device_without_a_gpu_is_an_argument_error(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--device", "cuda"])
+    assert "no CUDA device here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [("{bad", "cannot read a config JSON"),
+                                             ('{"model_type": "no-such-model"}', "unknown to transformers")])
+def test_report_bad_config_files(tmp_path, content, message, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    assert cli.main(["report", "--model", str(tmp_path), "--methods", "lora"]) == 2  # a folder holding config.json
+    assert message in capsys.readouterr().err

@@ -204,3 +204,18 @@ def test_cli_table_json_markdown_measure(tmp_path, capsys):
     assert lora["trainable"] == _count(cfg, "lora") and lora["kernel"] == "lora_linear"
     meas = rep["measure"]["rows"][0]
     assert meas["measured"]["activations"] == meas["estimate"]["activations"]  # fp32 on cpu: exact
+
+
+def test_gpt2_conv1d_lora_ia3_adapters(tmp_path):
+    """GPT-2 (Conv1D bases, (in, out) weights): LoRA r=8 on c_attn has peft's count (12 x 8 x (768 + 2304)),
+    adapters find their sites, and the kernels' trace runs (no method row fails)."""
+    from transformers import GPT2Config
+
+    path = tmp_path / "gpt2.json"
+    GPT2Config(n_embd=768, n_layer=12, n_head=12).to_json_file(path)
+    rep = R.report(str(path), batch=2, seq=16, methods=("lora", "ia3", "houlsby", "prefix"))
+    rows = {r["method"]: r for r in rep["rows"]}
+    assert rows["lora"]["trainable"] == 294_912
+    for m, row in rows.items():
+        assert not row.get("note", "").startswith("n/a"), (m, row.get("note"))
+        assert row["memory"]["activations_peftkern"] <= row["memory"]["activations"], m
