@@ -194,7 +194,10 @@ def _is_ours(hook) -> bool:
 
 def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Adds bottleneck adapters to every supported layer of `model` (in place), freezes everything else
-    and returns the model. Trainable parameters: layers × sites × (2·d·r + r + d)."""
+    and returns the model. Trainable parameters: layers × sites × (2·d·r + r + d). Everything else is
+    frozen, a task head too (a freshly initialised classifier included): unfreeze what should train
+    with `module.requires_grad_(True)`; `save_adapters` saves the adapters only. On failure the model is
+    left as it was."""
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     if has_adapters(model):
@@ -203,12 +206,31 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if not layers:
         raise ValueError(f"add_adapters: no supported transformer layers in {type(model).__name__} "
                          f"(supported layer classes: {', '.join(sorted(_ARCHS))}, and Llama-shaped *DecoderLayer)")
-    model.requires_grad_(False)
-    for _, layer, sites in layers:
+    for _, layer, sites in layers:  # every site must be adaptable before anything changes
         for site_name in config.resolved_sites:
-            _add_one(layer, sites[site_name], config)
+            _out_features(layer.get_submodule(sites[site_name].out))
+    flags = _grad_flags(model)
+    model.requires_grad_(False)
+    try:
+        for _, layer, sites in layers:
+            for site_name in config.resolved_sites:
+                _add_one(layer, sites[site_name], config)
+    except Exception:
+        remove_adapters(model)
+        _restore_grad_flags(model, flags)
+        raise
     model._peftkern_adapter_config = config
     return model
+
+
+def _grad_flags(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def _restore_grad_flags(model: nn.Module, flags: dict[str, bool]) -> None:
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
 
 
 def _add_one(layer: nn.Module, site: _Site, config: AdapterConfig) -> None:
@@ -231,13 +253,22 @@ def has_adapters(model: nn.Module) -> bool:
     return any(isinstance(m, BottleneckAdapter) for m in model.modules())
 
 
+def _holder(model: nn.Module) -> nn.Module | None:
+    """The module add_adapters was called on: `model` or one inside it (torch.compile's `_orig_mod`,
+    DDP's `module`, a peft wrapper's base model)."""
+    return next((m for m in model.modules() if "_peftkern_adapter_config" in m.__dict__), None)
+
+
 def adapter_config(model: nn.Module) -> AdapterConfig | None:
-    return getattr(model, "_peftkern_adapter_config", None)
+    holder = _holder(model)
+    return None if holder is None else holder._peftkern_adapter_config
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """name -> parameter of every adapter, names as in model.named_parameters()."""
-    return {f"{mn}.{pn}": p for mn, m in model.named_modules() if isinstance(m, BottleneckAdapter)
+    """name -> parameter of every adapter, named relative to the module add_adapters was called on, so
+    adapters saved through a wrapper (compiled, DDP) load into the bare model and back."""
+    root = _holder(model) or model
+    return {f"{mn}.{pn}": p for mn, m in root.named_modules() if isinstance(m, BottleneckAdapter)
             for pn, p in m.named_parameters(recurse=False)}
 
 
@@ -251,7 +282,7 @@ def remove_adapters(model: nn.Module) -> nn.Module:
                 kw.pop(hid, None)
         if isinstance(getattr(m, "adapter", None), BottleneckAdapter):
             del m.adapter
-    model.__dict__.pop("_peftkern_adapter_config", None)
+        m.__dict__.pop("_peftkern_adapter_config", None)
     return model
 
 
@@ -283,19 +314,27 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{os.path.join(path, CONFIG_NAME)} is not a peftkern adapter config")
     config = AdapterConfig.from_dict(meta["peftkern_adapter"])
     current = adapter_config(model)
-    if current is not None and current.to_dict() != config.to_dict():
+    if current is not None and _comparable(current) != _comparable(config):
         raise ValueError(f"the model's adapters were added with {current.to_dict()}, the saved ones with "
                          f"{config.to_dict()}: remove_adapters(model) first")
     saved = load_file(os.path.join(path, WEIGHTS_NAME))
     if current is None:
+        flags = _grad_flags(model)
         add_adapters(model, config)
     try:
         _copy_strict(model, saved, path)
     except ValueError:
-        if current is None:
-            remove_adapters(model)  # drop the adapters added above (the base stays frozen)
+        if current is None:  # leave the model as it was: no adapters, its own requires_grad flags
+            remove_adapters(model)
+            _restore_grad_flags(model, flags)
         raise
     return model
+
+
+def _comparable(config: AdapterConfig) -> dict:
+    d = config.to_dict()
+    d["sites"] = sorted(d["sites"])  # ("attn", "ffn") and ("ffn", "attn") place the same adapters
+    return d
 
 
 def _copy_strict(model: nn.Module, saved: dict[str, torch.Tensor], path) -> None:

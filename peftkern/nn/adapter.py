@@ -37,6 +37,10 @@ class BottleneckAdapter(nn.Module):
         nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None and residual.dtype != x.dtype:
+            # e.g. T5 in fp16 keeps its FFN output projection in fp32: the result replaces that output,
+            # so it is computed in the residual's dtype
+            x = x.to(residual.dtype)
         pdt = self.down_weight.dtype
         if x.dtype == pdt or pdt == torch.float32:
             return bottleneck_adapter(x, self.down_weight, self.down_bias, self.up_weight, self.up_bias, residual,

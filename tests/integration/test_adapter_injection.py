@@ -242,3 +242,48 @@ def test_sites_override_and_fp32_adapters_on_half_model():
         out.loss.backward()
     assert out.logits.dtype == torch.float16 and torch.isfinite(out.loss)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params.values())
+
+
+def test_parallel_on_half_t5_with_fp32_output_projection():
+    """transformers keeps T5's FFN output projection (wo) in fp32 in a half model: the parallel adapter
+    gets an fp16 sublayer input and an fp32 residual, and answers in the residual's dtype."""
+    model, _ = _build("t5")
+    model.half()
+    for block in (*model.encoder.block, *model.decoder.block):
+        block.layer[-1].DenseReluDense.wo.float()
+    add_adapters(model, AdapterConfig(bottleneck=R, placement="parallel"))
+    ids = _batch()["input_ids"]
+    with peftkern.use_backend("torch"):
+        out = model(input_ids=ids, decoder_input_ids=ids).logits
+    assert torch.isfinite(out).all()
+
+
+def test_saved_names_do_not_depend_on_wrappers(tmp_path):
+    """Adapters saved through torch.compile's wrapper, or from a model wrapping the one they were added
+    to, load into the bare model (names are relative to the module add_adapters was called on)."""
+    model, _ = _build("llama")
+    add_adapters(model, AdapterConfig(bottleneck=R))
+    with torch.no_grad():
+        for p in adapter_state_dict(model).values():
+            p.normal_()
+    save_adapters(torch.compile(model), tmp_path / "compiled")
+    outer = torch.nn.Sequential(model)  # a wrapper around the adapted model
+    save_adapters(outer, tmp_path / "outer")
+    for sub in ("compiled", "outer"):
+        fresh, _ = _build("llama")
+        load_adapters(fresh, tmp_path / sub)
+        got, want = adapter_state_dict(fresh), adapter_state_dict(model)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_failures_leave_the_model_as_it_was(tmp_path):
+    llama, _ = _build("llama")
+    add_adapters(llama, AdapterConfig(bottleneck=R, sites=("ffn", "attn")))
+    save_adapters(llama, tmp_path)
+    gpt2, _ = _build("gpt2")
+    with pytest.raises(ValueError, match="do not match"):
+        load_adapters(gpt2, tmp_path)
+    assert not has_adapters(gpt2) and all(p.requires_grad for p in gpt2.parameters())
+    fresh, _ = _build("llama")  # same sites in another order: the same adapters
+    add_adapters(fresh, AdapterConfig(bottleneck=R, sites=("attn", "ffn")))
+    load_adapters(fresh, tmp_path)
