@@ -1,7 +1,8 @@
 """Drop-in acceleration of peft LoRA models: `accelerate(model)` routes peft's `lora.Linear` layers through
 `peftkern.ops.lora.lora_linear`, in place; `restore(model)` undoes it.
 
-Only instances are patched (their bound `forward`), never peft's classes, and peft's own parameters and
+Only instances are patched (their class swapped for a subclass whose forward is peftkern's, see _swap.py),
+never peft's classes, and peft's own parameters and
 state (`lora_A`, `lora_B`, `scaling`, `lora_dropout`, active adapters, merged flags) stay the single source
 of truth, so `save_pretrained`, `from_pretrained`, `merge_and_unload`, `disable_adapter()`, `set_adapter` and
 multiple adapters keep working. Every call re-checks the fast path's preconditions and otherwise runs peft's
@@ -20,19 +21,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import types
 
 import torch
 from torch import nn
 
 from .. import _backend
 from ..ops import lora as _lora_ops
+from . import _swap
 from . import peft_ia3 as _ia3
 from . import prefix as _prefix
 
 log = logging.getLogger("peftkern")
 
-_MARK = "_peftkern_accelerated"  # instance attribute set on patched layers
+_FUSED = "FusedLoraLinear"  # the class accelerated peft lora.Linear instances get (integrations/_swap.py)
 _logged: set[str] = set()
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # Keyword arguments peft's forward pops and ignores for vanilla LoRA when they are None.
@@ -185,7 +186,7 @@ def _fused_forward(self, x, *args, **kwargs):
     if why is not None:
         if why:
             _note_fallback(why)
-        return type(self).forward(self, x, *args, **kwargs)
+        return self._peftkern_base.forward(self, x, *args, **kwargs)
     active = _active(self)
     a0 = active[0]
     base = self.base_layer
@@ -249,9 +250,11 @@ def _patchable(mod, cls=None, kind: str = "LoRA") -> str | None:
     """Why `mod` cannot be patched: only peft's own `cls` (default lora.Linear), not yet replaced by others."""
     if cls is None:
         from peft.tuners.lora import Linear as cls
+    if _swap.is_swapped(mod):
+        return None  # already ours
     if not isinstance(mod, cls) or type(mod).forward is not cls.forward:
         return f"{type(mod).__name__} {kind} layer (only peft's {kind.lower()}.Linear is fused)"
-    if "forward" in mod.__dict__ and not getattr(mod, _MARK, False):
+    if "forward" in mod.__dict__:
         return "forward already replaced by another library (e.g. accelerate hooks)"
     return None
 
@@ -270,10 +273,8 @@ def accelerate(model: nn.Module) -> Summary:
         if why is not None:
             summary.reasons[why] += 1
             continue
-        if not getattr(mod, _MARK, False):
-            # A bound method in the instance dict: nn.Module.__call__ picks it up, deepcopy rebinds it.
-            mod.forward = types.MethodType(_fused_forward, mod)
-            setattr(mod, _MARK, True)
+        if not _swap.is_swapped(mod):
+            _swap.swap(mod, _FUSED)
         summary.patched += 1
         now = _state_why_not(mod)
         if now is None:
@@ -315,14 +316,19 @@ def restore(model: nn.Module) -> int:
     """Undo `accelerate`: every patched LoRA / IA3 layer (and a prefix-tuning model's attention) runs
     peft's own forward again. Returns how many layers / models were restored."""
     n = int(_prefix.restore(model))
-    for _, mod in _lora_layers(model):
-        if getattr(mod, _MARK, False):
-            mod.__dict__.pop("forward", None)
-            delattr(mod, _MARK)
-            n += 1
+    n += sum(_swap.unswap(mod) for _, mod in _lora_layers(model))
     return n + sum(_ia3.unpatch(mod) for mod in _ia3.layers(model))
 
 
 def is_accelerated(module: nn.Module) -> bool:
     """True when `module` (a LoRA layer) has been patched by `accelerate`."""
-    return bool(getattr(module, _MARK, False))
+    return _swap.is_swapped(module, _FUSED)
+
+
+def _fused_lora_class():
+    from peft.tuners.lora import Linear
+
+    return Linear, {"forward": _fused_forward}
+
+
+_swap.register(_FUSED, _fused_lora_class)

@@ -11,15 +11,14 @@ real fallback is logged once per reason and raises under PEFTKERN_STRICT=1.
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
 from .. import _backend
 from ..ops import ia3 as _ia3_ops
+from . import _swap
 
-_MARK = "_peftkern_accelerated"
+_FUSED = "FusedIA3Linear"  # the class accelerated peft ia3.Linear instances get (integrations/_swap.py)
 
 
 def layers(model: nn.Module):
@@ -85,21 +84,25 @@ def _fused_forward(self, x, *args, **kwargs):
     if why is not None:
         if why:
             _note_fallback(why)
-        return type(self).forward(self, x, *args, **kwargs)
+        return self._peftkern_base.forward(self, x, *args, **kwargs)
     base = self.base_layer
     w = base.weight.t() if _base_kind(base) == "conv1d" else base.weight  # Conv1D stores (in, out)
     return _ia3_ops.ia3_linear(x, w, base.bias, self.ia3_l[_active(self)[0]], feedforward=bool(self.is_feedforward))
 
 
 def patch(mod) -> None:
-    if not getattr(mod, _MARK, False):
-        mod.forward = types.MethodType(_fused_forward, mod)
-        setattr(mod, _MARK, True)
+    if not _swap.is_swapped(mod):
+        _swap.swap(mod, _FUSED)
 
 
 def unpatch(mod) -> bool:
-    if getattr(mod, _MARK, False):
-        mod.__dict__.pop("forward", None)
-        delattr(mod, _MARK)
-        return True
-    return False
+    return _swap.unswap(mod)
+
+
+def _fused_ia3_class():
+    from peft.tuners.ia3 import Linear
+
+    return Linear, {"forward": _fused_forward}
+
+
+_swap.register(_FUSED, _fused_ia3_class)

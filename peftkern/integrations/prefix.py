@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import types
 import warnings
 
 import torch
 
 from ..ops.prefix import prefix_attention
+from . import _swap
 
 log = logging.getLogger("peftkern")
 
@@ -35,6 +35,7 @@ NAME = "peftkern_prefix"
 KWARG = "peftkern_prefix_kv"  # the (2 * layers, Hkv, P, D) prefix, passed down to the attention function
 _LEN = "_peftkern_num_virtual_tokens"  # set on attention modules (cache path) and on caches peft made
 _STATE = "_peftkern_prefix"  # on the PeftModel: the attention implementation it had before
+_FUSED = "FusedPrefixPeftModelForCausalLM"  # the class an accelerated PeftModel gets (integrations/_swap.py)
 _QKV = ("q_proj", "c_attn", "qkv_proj", "query_key_value", "Wqkv")  # how attention modules are told apart
 
 
@@ -160,10 +161,7 @@ def accelerate(peft_model) -> int:
             raise ValueError(f"peftkern cannot accelerate this model: {type(base).__name__} kept attention "
                              f"implementation {base.config._attn_implementation!r}")
         setattr(peft_model, _STATE, before)
-        # Bound methods in the instance dict: nn.Module.__call__ finds them, deepcopy rebinds them.
-        peft_model.get_prompt = types.MethodType(_marked_get_prompt, peft_model)
-        peft_model.forward = types.MethodType(_no_concat_forward, peft_model)
-        peft_model.disable_adapter = types.MethodType(_disable_adapter, peft_model)
+        _swap.swap(peft_model, _FUSED)  # forward, get_prompt and disable_adapter below
         base.register_forward_pre_hook(_check_cache, with_kwargs=True)
     for mod in mods:
         setattr(mod, _LEN, P)
@@ -176,8 +174,7 @@ def restore(peft_model) -> bool:
     if _STATE not in peft_model.__dict__:
         return False
     base = peft_model.get_base_model()
-    for name in ("forward", "get_prompt", "disable_adapter"):
-        peft_model.__dict__.pop(name, None)
+    _swap.unswap(peft_model)
     for key, hook in list(base._forward_pre_hooks.items()):
         if hook is _check_cache:
             del base._forward_pre_hooks[key]
@@ -191,7 +188,7 @@ def restore(peft_model) -> bool:
 def _marked_get_prompt(self, batch_size, *args, **kwargs):
     """peft's get_prompt; the cache it returns is marked, so the attention function knows the first P
     positions are the prefix (and the length follows the active adapter)."""
-    cache = type(self).get_prompt(self, batch_size, *args, **kwargs)
+    cache = self._peftkern_base.get_prompt(self, batch_size, *args, **kwargs)
     P = self.active_peft_config.num_virtual_tokens
     setattr(cache, _LEN, P)
     for mod in _attention_modules(self.get_base_model()):
@@ -205,7 +202,7 @@ def _disable_adapter(self):
     base = self.get_base_model()
     base.set_attn_implementation(self.__dict__[_STATE])
     try:
-        with type(self).disable_adapter(self):
+        with self._peftkern_base.disable_adapter(self):
             yield
     finally:
         base.set_attn_implementation(NAME)
@@ -245,7 +242,7 @@ def _no_concat_forward(self, input_ids=None, attention_mask=None, inputs_embeds=
         use_cache = not self.training and bool(getattr(self.get_base_model().config, "use_cache", False))
     cache_asked = use_cache or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
     if cache_asked or not is_prefix_model(self):
-        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+        return self._peftkern_base.forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions,
                                   output_hidden_states=output_hidden_states, return_dict=return_dict,
                                   task_ids=task_ids, **kwargs)
@@ -271,3 +268,13 @@ def _no_concat_forward(self, input_ids=None, attention_mask=None, inputs_embeds=
                            labels=labels, output_attentions=output_attentions,
                            output_hidden_states=output_hidden_states, return_dict=return_dict,
                            position_ids=position_ids, use_cache=False, **kwargs)
+
+
+def _fused_prefix_class():
+    from peft import PeftModelForCausalLM
+
+    return PeftModelForCausalLM, {"forward": _no_concat_forward, "get_prompt": _marked_get_prompt,
+                                  "disable_adapter": _disable_adapter}
+
+
+_swap.register(_FUSED, _fused_prefix_class)

@@ -1,0 +1,51 @@
+"""Patching by class swap: an accelerated instance gets a subclass of its peft class whose methods are
+peftkern's, and `restore` gives it its class back. Unlike a bound method in the instance dict, the
+subclass pickles by name (`torch.save(model)`), is what nn.DataParallel replicas run (they copy the
+instance dict, so a bound method would still call the original module), and deepcopy keeps it.
+
+The subclasses are built on first use (peft is imported lazily); pickle finds them through this module's
+`__getattr__`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+_FACTORIES: dict[str, Callable[[], tuple[type, dict]]] = {}  # name -> () -> (peft base class, methods)
+_CLASSES: dict[str, type] = {}
+
+
+def register(name: str, factory: Callable[[], tuple[type, dict]]) -> None:
+    _FACTORIES[name] = factory
+
+
+def fused_class(name: str) -> type:
+    cls = _CLASSES.get(name)
+    if cls is None:
+        base, methods = _FACTORIES[name]()
+        cls = type(name, (base,), {**methods, "__module__": __name__, "__qualname__": name,
+                                   "_peftkern_base": base})
+        _CLASSES[name] = cls
+    return cls
+
+
+def is_swapped(obj, name: str | None = None) -> bool:
+    cls = type(obj)
+    return cls in _CLASSES.values() and (name is None or cls is _CLASSES[name])
+
+
+def swap(obj, name: str) -> None:
+    obj.__class__ = fused_class(name)
+
+
+def unswap(obj) -> bool:
+    """Give a swapped instance its peft class back; False if it was not swapped."""
+    if not is_swapped(obj):
+        return False
+    obj.__class__ = type(obj)._peftkern_base
+    return True
+
+
+def __getattr__(name: str):
+    if name in _FACTORIES:
+        return fused_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
