@@ -88,6 +88,18 @@ def _plain_weight(w) -> bool:
     return type(w) in (torch.Tensor, nn.Parameter) and w.dtype in _FLOATS
 
 
+def _base_weight_why_not(base: nn.Module) -> str | None:
+    """Why the ops cannot read this base layer's weight and bias, or None."""
+    for t in (base.weight, base.bias):
+        if t is None:
+            continue
+        if type(t) not in (torch.Tensor, nn.Parameter):
+            return f"base weight is a {type(t).__name__} (quantized or sharded)"
+        if t.dtype not in _FLOATS:
+            return f"base weight dtype {t.dtype} (the kernels take float32, float16, bfloat16)"
+    return None
+
+
 def _base_kind(base: nn.Module) -> str | None:
     if isinstance(base, nn.Linear) and _plain_forward(base, nn.Linear):
         return "linear"
@@ -102,8 +114,9 @@ def _layer_why_not(layer, active: list[str]) -> str | None:
     base = layer.base_layer
     if _base_kind(base) is None:
         return f"base layer {type(base).__name__} (or its forward is hooked/overridden)"
-    if not _plain_weight(base.weight) or (base.bias is not None and not _plain_weight(base.bias)):
-        return f"base weight is a {type(base.weight).__name__} of {base.weight.dtype} (quantized or sharded)"
+    why = _base_weight_why_not(base)
+    if why is not None:
+        return why
     for a in active:
         if a in layer.lora_variant:
             return f"LoRA variant {type(layer.lora_variant[a]).__name__} (DoRA, aLoRA, ...)"
@@ -169,12 +182,12 @@ def _why_not(layer, x, args, kwargs) -> str | None:
     return None
 
 
-def _note_fallback(why: str) -> None:
+def _note_fallback(why: str, kind: str = "LoRA") -> None:
     if _backend.strict():
-        raise _backend.BackendUnavailable(f"peftkern.accelerate: a LoRA layer falls back to peft's forward: {why}")
+        raise _backend.BackendUnavailable(f"peftkern.accelerate: a {kind} layer falls back to peft's forward: {why}")
     if why not in _logged:
         _logged.add(why)
-        log.warning("peftkern: a LoRA layer runs peft's forward (not fused): %s", why)
+        log.warning("peftkern: a %s layer runs peft's forward (not fused): %s", kind, why)
 
 
 # ------------------------------------------------------------------------------------------------ forward

@@ -42,7 +42,7 @@ def _active(layer) -> list[str]:
 def state_why_not(layer) -> str | None:
     """Input-independent reason the fused path cannot serve this layer now; "" when peft's forward is just
     the base layer (disabled, merged, nothing active)."""
-    from .peft import _base_kind, _plain_weight
+    from .peft import _base_kind, _base_weight_why_not, _plain_weight
 
     if layer.disable_adapters or layer.merged:
         return ""
@@ -54,10 +54,14 @@ def state_why_not(layer) -> str | None:
     base = layer.base_layer
     if _base_kind(base) is None:
         return f"base layer {type(base).__name__} (or its forward is hooked/overridden)"
-    if not _plain_weight(base.weight) or (base.bias is not None and not _plain_weight(base.bias)):
-        return f"base weight is a {type(base.weight).__name__} of {base.weight.dtype} (quantized or sharded)"
-    if not _plain_weight(layer.ia3_l[active[0]]):
+    why = _base_weight_why_not(base)
+    if why is not None:
+        return why
+    ia3_l = layer.ia3_l[active[0]]
+    if not _plain_weight(ia3_l):
         return "ia3_l is not a dense float tensor"
+    if ia3_l.dtype not in (torch.float32, base.weight.dtype):
+        return f"ia3_l is {ia3_l.dtype} on a {base.weight.dtype} base (the op takes float32 or the base's dtype)"
     return None
 
 
@@ -83,7 +87,7 @@ def _fused_forward(self, x, *args, **kwargs):
     why = _why_not(self, x, args, kwargs)
     if why is not None:
         if why:
-            _note_fallback(why)
+            _note_fallback(why, "IA3")
         return self._peftkern_base.forward(self, x, *args, **kwargs)
     base = self.base_layer
     w = base.weight.t() if _base_kind(base) == "conv1d" else base.weight  # Conv1D stores (in, out)

@@ -85,3 +85,25 @@ def test_save_reload_in_plain_peft_and_merge(tmp_path):
     assert peftkern.restore(model) > 0
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def _bf16_scales(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "ia3_l" in n:
+                p.data = p.data.bfloat16()
+    return model
+
+
+@pytest.mark.parametrize("convert,why", [(_bf16_scales, "ia3_l is torch.bfloat16"),
+                                         (lambda m: m.double(), "dtype torch.float64")])
+def test_layers_the_op_cannot_take_keep_peft_and_say_why(convert, why, monkeypatch):
+    """A bf16 ia3_l on an fp32 base, or an fp64 model: peft's forward, same outputs, a reason that says so."""
+    monkeypatch.delenv("PEFTKERN_STRICT", raising=False)  # a user's run: fall back and log
+    model = convert(ia3_model("llama"))
+    plain = copy.deepcopy(model)
+    summary = peftkern.accelerate(model)
+    assert summary.ia3_fused_now == 0 and any(why in r for r in summary.reasons), str(summary)
+    inputs = batch("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, plain(**inputs).logits)
