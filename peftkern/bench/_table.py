@@ -7,6 +7,8 @@ Rows whose provider starts with "peftkern" get speedup[mode][baseline] = baselin
 
 from __future__ import annotations
 
+from . import _timing
+
 MODES = ("fwd", "bwd", "full")
 
 
@@ -51,10 +53,14 @@ def table(rows: list[dict], baselines: tuple[str, ...]) -> str:
         if "skipped" in r or "error" in r:
             lines.append(head + ("skipped: " + r["skipped"] if "skipped" in r else "ERROR: " + r["error"]))
             continue
-        t = lambda m, r=r: f"{r[m]['median_ms']:9.3f}" if m in r else f"{'-':>9}"
+        t = lambda m, r=r: (f"{'-':>9}" if m not in r else
+                            f"{r[m]['median_ms']:8.3f}~" if _timing.noisy(r[m]) else f"{r[m]['median_ms']:9.3f}")
         sp = r.get("speedup", {}).get("full") or r.get("speedup", {}).get("fwd") or {}
         spd = " / ".join(f"{sp[b]:.2f}x" if b in sp else "-" for b in baselines)
         tok = f"   {r['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in r else ""
         lines.append(head + t("fwd") + t("bwd") + t("full") + f"{_fmt_bytes(r.get('saved_bytes')):>9}"
                      f"{_fmt_bytes(r.get('peak_bytes')):>9}   " + (spd if sp else "") + tok)
+    if any("~" in line for line in lines[1:]):
+        lines.append("~ the 20th-80th percentile spread is over 25% of the median (a busy machine?): "
+                     "a ratio from that time is weak; rerun before trusting it")
     return "\n".join(lines)

@@ -12,25 +12,63 @@ import torch
 
 
 def timeit(fn: Callable[[], object], device: torch.device, quick: bool = False) -> dict:
-    """Median and 20th/80th percentiles in milliseconds, after warm-up.
+    """Median and 20th/80th percentiles in milliseconds, after warm-up, and `n` the samples behind them.
 
-    CUDA: triton.testing.do_bench (CUDA events, L2 flushed between runs). CPU:
-    torch.utils.benchmark's adaptive loop.
+    CUDA: triton.testing.do_bench (CUDA events, L2 flushed between runs). CPU: blocks of calls (a block
+    lasts >= 1 ms), at least MIN_BLOCKS of them and at least `min_run_time` in all, so the percentiles
+    describe a spread, never one sample.
     """
     if device.type == "cuda":
         from triton.testing import do_bench
 
         q = do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, quantiles=[0.5, 0.2, 0.8])
         return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
-    from torch.utils.benchmark import Timer
-
     fn()  # warm-up (first calls compile / fill caches)
-    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=0.05 if quick else 0.3
-    )
-    times = sorted(m.times)
+    number = 1
+    while True:  # calls per block
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        if time.perf_counter() - t0 >= 1e-3 or number >= 1 << 16:
+            break
+        number *= 2
+    min_run_time, per_block, spent = (0.05 if quick else 0.3), [], 0.0
+    while len(per_block) < MIN_BLOCKS or (spent < min_run_time and len(per_block) < MAX_BLOCKS):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        dt = time.perf_counter() - t0
+        spent += dt
+        per_block.append(dt / number)
+    times = sorted(per_block)
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3
-    return {"median_ms": m.median * 1e3, "p20_ms": pick(0.2), "p80_ms": pick(0.8)}
+    return {"median_ms": pick(0.5), "p20_ms": pick(0.2), "p80_ms": pick(0.8), "n": len(times)}
+
+
+MIN_BLOCKS, MAX_BLOCKS = 7, 500
+
+
+def noisy(t: dict) -> bool:
+    """The 20th-80th percentile spread is over a quarter of the median: a speedup from it is weak."""
+    return (t["p80_ms"] - t["p20_ms"]) > 0.25 * t["median_ms"]
+
+
+def triton_why_not(device: torch.device) -> str | None:
+    """Why the triton provider is not benchmarked here: on CPU Triton only runs under its interpreter,
+    a correctness tool, not something to time."""
+    from .. import _backend
+
+    if device.type == "cpu":
+        return "skipped on CPU (Triton runs there only under its interpreter: a correctness tool, not a benchmark)"
+    return _backend.triton_unavailable(device)
+
+
+def cuda_why_not(device: torch.device) -> str | None:
+    from .. import _backend
+
+    if device.type != "cuda":
+        return "needs a CUDA device"
+    return _backend.cuda_unavailable(device, build_if_missing=True)
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 from ..ops.adapter import CUDA_MAX_R, bottleneck_adapter
-from ._timing import measure_train, provider_rows
+from ._timing import cuda_why_not, measure_train, provider_rows, triton_why_not
 
 _ACT = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu}
 
@@ -70,13 +70,13 @@ def _bound(backend: str, fn):
 
 def _backend_why_not(name: str, case: Case, dtype, device) -> str | None:
     if name == "triton":
-        return _backend.triton_unavailable(device)
+        return triton_why_not(device)
     if name == "cuda":
         if device.type != "cuda":
-            return "needs a CUDA device"
+            return cuda_why_not(device)
         if dtype == torch.float32 or case.r > CUDA_MAX_R:
             return f"fp16/bf16 and r <= {CUDA_MAX_R} only"
-        return _backend.cuda_unavailable(device, build_if_missing=True)
+        return cuda_why_not(device)
     return None
 
 

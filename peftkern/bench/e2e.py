@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _backend
+from ._timing import triton_why_not
 
 
 @dataclass
@@ -79,11 +80,9 @@ def build(case: Case, dtype, device):
 def _providers(device) -> dict[str, str | None]:
     """provider -> None (runs) or why it is skipped."""
     out: dict[str, str | None] = {"peft": None}
-    if device.type == "cuda":
-        out["peftkern-triton"] = _backend.triton_unavailable(device)
-    else:
+    if device.type != "cuda":
         out["peftkern-torch"] = None
-        out["peftkern-triton"] = "skipped on CPU (the Triton interpreter is a correctness tool, not a benchmark)"
+    out["peftkern-triton"] = triton_why_not(device)
     return out
 
 

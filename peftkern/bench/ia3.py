@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import _backend
 from ..ops.ia3 import ia3_linear
-from ._timing import measure_train, provider_rows
+from ._timing import cuda_why_not, measure_train, provider_rows, triton_why_not
 
 
 @dataclass
@@ -83,9 +83,9 @@ def _bound(backend: str, fn):
 
 def _backend_why_not(name: str, device) -> str | None:
     if name == "triton":
-        return _backend.triton_unavailable(device)
+        return triton_why_not(device)
     if name == "cuda":
-        return _backend.cuda_unavailable(device, build_if_missing=True)
+        return cuda_why_not(device)
     return None
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import _backend
 from ..ops.lora import CUDA_DECODE_MAX_M, lora_linear
-from ._timing import measure_train, provider_rows
+from ._timing import cuda_why_not, measure_train, provider_rows, triton_why_not
 
 
 @dataclass
@@ -102,13 +102,13 @@ def _bound(backend: str, fn):
 
 def _backend_why_not(name: str, case: Case, device) -> str | None:
     if name == "triton":
-        return _backend.triton_unavailable(device)
+        return triton_why_not(device)
     if name == "cuda":
         if device.type != "cuda":
-            return "needs a CUDA device"
+            return cuda_why_not(device)
         if case.train or case.m > CUDA_DECODE_MAX_M:
             return f"decode kernel only (M <= {CUDA_DECODE_MAX_M}, inference)"
-        return _backend.cuda_unavailable(device, build_if_missing=True)
+        return cuda_why_not(device)
     return None
 
 

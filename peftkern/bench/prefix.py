@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import _backend
 from ..ops.prefix import prefix_attention
 from ..reference.prefix import full_mask
-from ._timing import measure_train, provider_rows
+from ._timing import cuda_why_not, measure_train, provider_rows, triton_why_not
 
 
 @dataclass
@@ -66,11 +66,11 @@ def _bound(backend, fn):
 
 def _backend_why_not(name: str, device) -> str | None:
     if name == "triton":
-        return _backend.triton_unavailable(device)
+        return triton_why_not(device)
     if name == "cuda":
         if device.type != "cuda":
-            return "needs a CUDA device"
-        return _backend.cuda_unavailable(device, build_if_missing=True)
+            return cuda_why_not(device)
+        return cuda_why_not(device)
     return None
 
 
