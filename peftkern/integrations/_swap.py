@@ -22,10 +22,25 @@ def fused_class(name: str) -> type:
     cls = _CLASSES.get(name)
     if cls is None:
         base, methods = _FACTORIES[name]()
-        cls = type(name, (base,), {**methods, "__module__": __name__, "__qualname__": name,
-                                   "_peftkern_base": base})
+        for key, fn in methods.items():
+            # A bound copy left in an instance dict pickles as getattr(obj, fn.__name__): make that the
+            # method's own name, which resolves to the right function on either class.
+            fn.__name__ = key
+        # __qualname__ is what pickle looks up here; __name__ stays peft's, so reprs and peft's
+        # get_layer_status read as before.
+        cls = type(base.__name__, (base,), {**methods, "__module__": __name__, "__qualname__": name,
+                                            "_peftkern_base": base})
         _CLASSES[name] = cls
     return cls
+
+
+def base_class(obj) -> type:
+    """The peft class `obj` runs as (its class, or the one a fused class was made from)."""
+    return getattr(type(obj), "_peftkern_base", type(obj))
+
+
+def fused_functions() -> set:
+    return {f for cls in _CLASSES.values() for k, f in vars(cls).items() if callable(f) and not k.startswith("__")}
 
 
 def is_swapped(obj, name: str | None = None) -> bool:
@@ -38,9 +53,15 @@ def swap(obj, name: str) -> None:
 
 
 def unswap(obj) -> bool:
-    """Give a swapped instance its peft class back; False if it was not swapped."""
+    """Give a swapped instance its peft class back; False if it was not swapped. Instance-dict copies of
+    the fused methods go too: some libraries save `obj.forward` and write it back (peft's
+    disable_adapter for prompt learning, accelerate's remove_hook_from_module)."""
     if not is_swapped(obj):
         return False
+    fused = fused_functions()
+    for key, value in list(vars(obj).items()):
+        if getattr(value, "__func__", None) in fused:
+            del obj.__dict__[key]
     obj.__class__ = type(obj)._peftkern_base
     return True
 

@@ -199,7 +199,7 @@ def _fused_forward(self, x, *args, **kwargs):
     if why is not None:
         if why:
             _note_fallback(why)
-        return self._peftkern_base.forward(self, x, *args, **kwargs)
+        return _swap.base_class(self).forward(self, x, *args, **kwargs)
     active = _active(self)
     a0 = active[0]
     base = self.base_layer
@@ -265,8 +265,8 @@ def _patchable(mod, cls=None, kind: str = "LoRA") -> str | None:
         from peft.tuners.lora import Linear as cls
     if _swap.is_swapped(mod):
         return None  # already ours
-    if not isinstance(mod, cls) or type(mod).forward is not cls.forward:
-        return f"{type(mod).__name__} {kind} layer (only peft's {kind.lower()}.Linear is fused)"
+    if type(mod) is not cls:  # a subclass (peft's torchao/INC layers, a user's) has its own merge etc.
+        return f"{type(mod).__name__} {kind} layer (only peft's {kind.lower()}.Linear itself is fused)"
     if "forward" in mod.__dict__:
         return "forward already replaced by another library (e.g. accelerate hooks)"
     return None

@@ -88,7 +88,7 @@ def _fused_forward(self, x, *args, **kwargs):
     if why is not None:
         if why:
             _note_fallback(why, "IA3")
-        return self._peftkern_base.forward(self, x, *args, **kwargs)
+        return _swap.base_class(self).forward(self, x, *args, **kwargs)
     base = self.base_layer
     w = base.weight.t() if _base_kind(base) == "conv1d" else base.weight  # Conv1D stores (in, out)
     return _ia3_ops.ia3_linear(x, w, base.bias, self.ia3_l[_active(self)[0]], feedforward=bool(self.is_feedforward))

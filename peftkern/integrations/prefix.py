@@ -130,6 +130,12 @@ def why_not(peft_model) -> str | None:
     base = peft_model.get_base_model()
     if not isinstance(peft_model, PeftModelForCausalLM):
         return f"prefix-tuning {type(peft_model).__name__} (only causal-LM PeftModels are accelerated)"
+    if type(peft_model) is not PeftModelForCausalLM and not _swap.is_swapped(peft_model):
+        return f"prefix-tuning {type(peft_model).__name__}, a subclass of PeftModelForCausalLM"
+    for k in _PEFT_SWAPS:
+        fn = getattr(peft_model.__dict__.get(k), "__func__", None)
+        if k in peft_model.__dict__ and fn not in (getattr(PeftModelForCausalLM, k), *_swap.fused_functions()):
+            return f"the PeftModel's {k} was replaced on the instance by another library"
     if cfg.num_transformer_submodules != 1:
         return "encoder-decoder prefix-tuning"
     if not getattr(base, "_supports_attention_backend", False):
@@ -161,6 +167,8 @@ def accelerate(peft_model) -> int:
             raise ValueError(f"peftkern cannot accelerate this model: {type(base).__name__} kept attention "
                              f"implementation {base.config._attn_implementation!r}")
         setattr(peft_model, _STATE, before)
+        for k in _PEFT_SWAPS:  # peft's own bound methods that its disable_adapter left in the instance dict
+            peft_model.__dict__.pop(k, None)
         _swap.swap(peft_model, _FUSED)  # forward, get_prompt and disable_adapter below
         base.register_forward_pre_hook(_check_cache, with_kwargs=True)
     for mod in mods:
@@ -188,7 +196,7 @@ def restore(peft_model) -> bool:
 def _marked_get_prompt(self, batch_size, *args, **kwargs):
     """peft's get_prompt; the cache it returns is marked, so the attention function knows the first P
     positions are the prefix (and the length follows the active adapter)."""
-    cache = self._peftkern_base.get_prompt(self, batch_size, *args, **kwargs)
+    cache = _swap.base_class(self).get_prompt(self, batch_size, *args, **kwargs)
     P = self.active_peft_config.num_virtual_tokens
     setattr(cache, _LEN, P)
     for mod in _attention_modules(self.get_base_model()):
@@ -196,16 +204,25 @@ def _marked_get_prompt(self, batch_size, *args, **kwargs):
     return cache
 
 
+_PEFT_SWAPS = ("forward", "prepare_inputs_for_generation")  # what peft's disable_adapter overwrites
+
+
 @contextlib.contextmanager
 def _disable_adapter(self):
-    """peft's disable_adapter runs the base model's forward directly: give it its own attention back."""
+    """peft's disable_adapter runs the base model's forward directly: give it its own attention back.
+    peft also writes `forward` back into the instance dict on exit, where it would hide this class's
+    methods from restore() and pickle: the instance dict is left as it was found."""
     base = self.get_base_model()
+    before = {k: self.__dict__[k] for k in _PEFT_SWAPS if k in self.__dict__}
     base.set_attn_implementation(self.__dict__[_STATE])
     try:
-        with self._peftkern_base.disable_adapter(self):
+        with _swap.base_class(self).disable_adapter(self):
             yield
     finally:
         base.set_attn_implementation(NAME)
+        for k in _PEFT_SWAPS:
+            self.__dict__.pop(k, None)
+        self.__dict__.update(before)
 
 
 def _check_cache(module, args, kwargs):
@@ -242,7 +259,7 @@ def _no_concat_forward(self, input_ids=None, attention_mask=None, inputs_embeds=
         use_cache = not self.training and bool(getattr(self.get_base_model().config, "use_cache", False))
     cache_asked = use_cache or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
     if cache_asked or not is_prefix_model(self):
-        return self._peftkern_base.forward(self, input_ids=input_ids, attention_mask=attention_mask,
+        return _swap.base_class(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions,
                                   output_hidden_states=output_hidden_states, return_dict=return_dict,
                                   task_ids=task_ids, **kwargs)
@@ -272,6 +289,8 @@ def _no_concat_forward(self, input_ids=None, attention_mask=None, inputs_embeds=
 
 def _fused_prefix_class():
     from peft import PeftModelForCausalLM
+
+    register()  # a model unpickled in a fresh process needs the attention function registered
 
     return PeftModelForCausalLM, {"forward": _no_concat_forward, "get_prompt": _marked_get_prompt,
                                   "disable_adapter": _disable_adapter}

@@ -59,3 +59,78 @@ def test_pickle_deepcopy_and_data_parallel_replicas(method):
     assert peftkern.restore(model) == len(swapped)
     assert not any(_swap.is_swapped(m) for m in model.modules())
     torch.testing.assert_close(_logits(model, ids), want, atol=1e-6, rtol=1e-6)
+
+
+def test_restore_after_libraries_wrote_forward_back():
+    """peft's disable_adapter (prompt learning) and accelerate's remove_hook_from_module save `forward` and
+    write the bound method back into the instance dict: restore() and pickling must still work after."""
+    for method in ("lora", "prefix"):
+        model = BUILD[method]()
+        plain = copy.deepcopy(model)
+        peftkern.accelerate(model)
+        ids = torch.randint(0, VOCAB, (2, 7), device=DEVICE)
+        if method == "prefix":
+            with model.disable_adapter():
+                pass
+        for mod in model.modules():
+            if _swap.is_swapped(mod) and method == "lora":
+                mod.forward = mod.forward  # what remove_hook_from_module leaves behind
+        twin = pickle.loads(pickle.dumps(model))
+        torch.testing.assert_close(_logits(twin, ids), _logits(plain, ids), atol=2e-5, rtol=2e-5)
+        peftkern.restore(model)
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        torch.testing.assert_close(_logits(model, ids), _logits(plain, ids), atol=1e-6, rtol=1e-6)
+
+
+def test_prefix_model_used_with_disable_adapter_before_accelerate_gets_the_fast_path(monkeypatch):
+    import peftkern.integrations.prefix as integ
+
+    calls = []
+    real = integ.prefix_attention
+    monkeypatch.setattr(integ, "prefix_attention", lambda q, k, v, pk, pv, **kw: calls.append(pk.dim()) or
+                        real(q, k, v, pk, pv, **kw))
+    model = _prefix()
+    with model.disable_adapter():  # leaves peft's bound forward in the instance dict
+        pass
+    peftkern.accelerate(model)
+    _logits(model, torch.randint(0, VOCAB, (2, 7), device=DEVICE))
+    assert calls == [3, 3]  # the shared (Hkv, P, D) prefix: the no-concat forward ran
+
+
+def test_subclasses_of_peft_layers_are_left_alone():
+    from peft.tuners.lora import Linear
+
+    class MyLora(Linear):
+        pass
+
+    model = _lora()
+    for mod in model.modules():
+        if type(mod) is Linear:
+            mod.__class__ = MyLora
+    summary = peftkern.accelerate(model)
+    assert summary.patched == 0 and any("MyLora" in r for r in summary.reasons), str(summary)
+
+
+def test_pickled_prefix_model_runs_in_a_fresh_process(tmp_path):
+    """Unpickling imports peftkern (the fused class's module) and registers its attention function."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = _prefix()
+    peftkern.accelerate(model)
+    ids = torch.randint(0, VOCAB, (2, 7), device=DEVICE)
+    want = _logits(model, ids)
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps((model, ids, want)))
+    code = ("import pickle, sys, torch\n"
+            "model, ids, want = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+            "with torch.no_grad():\n"
+            "    got = model(input_ids=ids).logits\n"
+            "torch.testing.assert_close(got, want)\n"
+            "print('ok')\n")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pkl")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
