@@ -88,8 +88,10 @@ def _plain_weight(w) -> bool:
     return type(w) in (torch.Tensor, nn.Parameter) and w.dtype in _FLOATS
 
 
-def _base_weight_why_not(base: nn.Module) -> str | None:
-    """Why the ops cannot read this base layer's weight and bias, or None."""
+def _base_why_not(base: nn.Module) -> str | None:
+    """Why the ops cannot stand in for this base layer (its kind, its weight and bias), or None."""
+    if _base_kind(base) is None:
+        return f"base layer {type(base).__name__} (or its forward is hooked/overridden)"
     for t in (base.weight, base.bias):
         if t is None:
             continue
@@ -111,10 +113,7 @@ def _base_kind(base: nn.Module) -> str | None:
 
 def _layer_why_not(layer, active: list[str]) -> str | None:
     """Why the fused path cannot serve this layer with these active adapters (input-independent), or None."""
-    base = layer.base_layer
-    if _base_kind(base) is None:
-        return f"base layer {type(base).__name__} (or its forward is hooked/overridden)"
-    why = _base_weight_why_not(base)
+    why = _base_why_not(layer.base_layer)
     if why is not None:
         return why
     for a in active:

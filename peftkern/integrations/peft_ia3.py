@@ -42,7 +42,7 @@ def _active(layer) -> list[str]:
 def state_why_not(layer) -> str | None:
     """Input-independent reason the fused path cannot serve this layer now; "" when peft's forward is just
     the base layer (disabled, merged, nothing active)."""
-    from .peft import _base_kind, _base_weight_why_not, _plain_weight
+    from .peft import _base_why_not, _plain_weight
 
     if layer.disable_adapters or layer.merged:
         return ""
@@ -52,9 +52,7 @@ def state_why_not(layer) -> str | None:
     if len(active) > 1:
         return "several active IA3 adapters"
     base = layer.base_layer
-    if _base_kind(base) is None:
-        return f"base layer {type(base).__name__} (or its forward is hooked/overridden)"
-    why = _base_weight_why_not(base)
+    why = _base_why_not(base)
     if why is not None:
         return why
     ia3_l = layer.ia3_l[active[0]]
