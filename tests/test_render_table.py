@@ -86,3 +86,64 @@ def test_newest_per_device(bench_json, tmp_path):
     assert "oldcommit" not in out and "Other GPU" in out and data["env"]["commit"] in out
     assert "oldcommit" in rt.render(rt.load(paths))  # --all keeps it
     assert "No benchmark results" in rt.render([])
+
+
+@pytest.mark.parametrize("field,value", [("commit", "unknown"), ("commit", "?"), ("commit", None), ("preset", "?"),
+                                         ("preset", None)])
+def test_unknown_commit_or_preset_is_refused(bench_json, tmp_path, capsys, field, value):
+    data = json.loads(bench_json.read_text())
+    if field == "commit":
+        data["env"] = {k: v for k, v in data["env"].items() if k != "commit" or value is not None}
+        if value is not None:
+            data["env"]["commit"] = value
+    else:
+        data = {k: v for k, v in data.items() if k != "preset" or value is not None}
+        if value is not None:
+            data["preset"] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    assert rt.main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and f"{field} " in err and "unknown" in err
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{rt.START}\n{rt.END}\n")
+    assert rt.main(["--write", str(readme), str(bad)]) == 2 and readme.read_text() == f"{rt.START}\n{rt.END}\n"
+
+
+def test_default_glob_leaves_unknown_results_out(bench_json, tmp_path, capsys, monkeypatch):
+    data = json.loads(bench_json.read_text())
+    (tmp_path / "good.json").write_text(json.dumps(data))
+    (tmp_path / "old.json").write_text(json.dumps(dict(data, env=dict(data["env"], commit="unknown",
+                                                                       device="Old GPU"))))
+    monkeypatch.setattr(rt, "DEFAULT_GLOB", str(tmp_path / "*.json"))
+    assert rt.main([]) == 0
+    out, err = capsys.readouterr()
+    assert data["env"]["device"] in out and "Old GPU" not in out
+    assert "left out" in err and "old.json" in err
+
+
+def test_error_rows_show_no_time(bench_json, tmp_path):
+    data = json.loads(bench_json.read_text())
+    for r in data["rows"]:
+        if r["provider"] == "peftkern-torch" and r["case"] == "train":
+            r["error"] = "elementwise check failed: y max error 1 > bound"
+            t = r["full"]["median_ms"]
+    out = rt.render(rt.load([_write(tmp_path / "e.json", data)]))
+    line = next(ln for ln in out.splitlines() if ln.startswith("| lora | train |") and "| torch |" in ln)
+    assert "| error |" in line and "elementwise check failed" in line and rt._ms(t) not in line.split("|")[7]
+
+
+def test_spread_and_unchecked_note(bench_json, tmp_path):
+    data = json.loads(bench_json.read_text())
+    out = rt.render(rt.load([str(bench_json)]))
+    r = next(r for r in data["rows"] if r["provider"] == "peftkern-torch" and r["case"] == "train")
+    assert f"{rt._ms(r['full']['p20_ms'])}-{rt._ms(r['full']['p80_ms'])} ({r['full']['n']})" in out
+    assert "not checked elementwise" not in out
+    for r in data["rows"]:
+        r.pop("check", None)
+    assert "not checked elementwise" in rt.render(rt.load([_write(tmp_path / "u.json", data)]))
+
+
+def _write(path, data) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from .. import _backend
 from ..ops.adapter import CUDA_MAX_R, bottleneck_adapter
+from ..reference import adapter as ref
+from ._check import check_op
 from ._timing import cuda_why_not, measure_train, provider_rows, triton_why_not
 
 _ACT = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu}
@@ -36,6 +38,9 @@ PRESETS = {"llama-7b": _cases(8192, 4096, 64), "llama-1b": _cases(8192, 2048, 64
 QUICK = {"tiny": [Case("serial", 256, 256, 16, "relu", False)]}
 
 
+SCALING = 0.5
+
+
 def _eager(x, dw, db, uw, ub, res, act, s):
     return (x if res is None else res) + F.linear(_ACT[act](F.linear(x, dw, db)), uw, ub) * s
 
@@ -45,7 +50,7 @@ def providers(case: Case, dtype, device, compile_baseline: bool) -> dict[str, Ca
     g = lambda *s, std: (torch.randn(*s, device=device) * std).to(dtype).requires_grad_(True)
     dw, db = g(case.r, case.d, std=case.d ** -0.5), g(case.r, std=0.02)
     uw, ub = g(case.d, case.r, std=case.r ** -0.5), g(case.d, std=0.02)
-    s = 0.5
+    s = SCALING
     out: dict[str, Callable | str] = {"eager": lambda x, res: _eager(x, dw, db, uw, ub, res, case.act, s)}
     if compile_baseline:
         compiled = torch.compile(_eager)
@@ -91,8 +96,19 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
                      dtype=str(dtype).split(".")[-1])
         measure = functools.partial(_measure, x0=x0, res0=res0, case=case, params=params, device=device,
                                     quick=quick, timeit=timeit, peak_bytes=peak_bytes)
-        rows += provider_rows("adapter", case.name, shape, provs, measure, progress)
+        check = functools.partial(_check, x0=x0, res0=res0, case=case, params=params)
+        rows += provider_rows("adapter", case.name, shape, provs, measure, progress, check=check)
     return rows
+
+
+def _check(name, fn, x0, res0, case, params):
+    """Output and every gradient (x, residual, the four adapter tensors) of one call against fp64."""
+    x = x0.detach().requires_grad_(True)
+    res = None if res0 is None else res0.detach().requires_grad_(True)
+    dw, db, uw, ub = params
+    reference = lambda x, dw, db, uw, ub, res: ref.bottleneck_adapter(x, dw, db, uw, ub, res, case.act, SCALING)
+    return check_op(lambda: fn(x, res), reference, [x, dw, db, uw, ub, res],
+                    ["dx", "d_down_w", "d_down_b", "d_up_w", "d_up_b", "d_residual"])
 
 
 def _measure(fn, x0, res0, case, params, device, quick, timeit, peak_bytes):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import _backend
+from ._check import e2e as e2e_check
+from ._check import e2e_reference
 from ._timing import triton_why_not
 
 
@@ -98,6 +100,7 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
         ids = torch.randint(0, case.vocab, (case.batch, case.seq), device=device)
         tokens = case.batch * case.seq
         init = [p.detach().clone() for p in params]  # every provider starts from the same adapter weights
+        ref = e2e_reference(model, ids)  # peft's logits and gradients: each peftkern row is checked against them
         meta = dict(op="e2e", case=case.name, method=case.method, hidden=case.hidden, layers=case.layers,
                     seq=case.seq, batch=case.batch, r=case.r, dropout=case.p, dtype=str(dtype).split(".")[-1],
                     tokens=tokens, params=sum(p.numel() for p in model.parameters()),
@@ -118,13 +121,14 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
                                            else f"{summary.fused_now}/{summary.lora_layers}")
                 backend = name.split("-", 1)[1] if name != "peft" else "auto"
                 with _backend.use_backend(backend):
+                    row |= e2e_check(model, ids, ref) if name != "peft" else {}
                     row |= _measure(model, ids, params, tokens, device, quick, timeit, peak_bytes)
             except Exception as e:  # a failing provider is reported, not hidden
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             finally:
                 restore(model)
             rows.append(row)
-        del model, params, init
+        del model, params, init, ref
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

@@ -14,6 +14,8 @@ from torch import nn
 
 from .. import _backend
 from ..ops.ia3 import ia3_linear
+from ..reference import ia3 as ref
+from ._check import check_op
 from ._timing import cuda_why_not, measure_train, provider_rows, triton_why_not
 
 
@@ -99,8 +101,19 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
                      dtype=str(dtype).split(".")[-1])
         measure = functools.partial(_measure, x0=x, case=case, params=params, device=device, quick=quick, timeit=timeit,
                                     peak_bytes=peak_bytes)
-        rows += provider_rows("ia3", case.name, shape, provs, measure, progress)
+        check = functools.partial(_check, x0=x, case=case, params=params)
+        rows += provider_rows("ia3", case.name, shape, provs, measure, progress, check=check)
     return rows
+
+
+def _check(name, fn, x0, case, params):
+    """Output and every gradient (x, ia3_l) of one call against fp64 (peft's computation in the same dtypes
+    bounds the error)."""
+    w, b, lv = params
+    x = x0.detach().requires_grad_(True)
+    # peft keeps l as (out, 1) or (1, in); the reference broadcasts a flat vector against y or x
+    reference = lambda x, w, b, lv: ref.ia3_linear(x, w, b, lv.reshape(-1), case.feedforward)
+    return check_op(lambda: fn(x), reference, [x, w, b, lv], ["dx", "dW", "db", "dl"])
 
 
 def _measure(fn, x0, case, params, device, quick, timeit, peak_bytes):

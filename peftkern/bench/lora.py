@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend
-from ..ops.lora import CUDA_DECODE_MAX_M, lora_linear
+from ..ops.lora import CUDA_DECODE_MAX_M, draw_seed, lora_linear
+from ..reference import lora as ref
+from ._check import check_op
 from ._timing import cuda_why_not, measure_train, provider_rows, triton_why_not
 
 
@@ -89,6 +91,7 @@ def providers(case: Case, dtype, device, compile_baseline: bool) -> dict[str, Ca
         else:
             out[f"peftkern-{name}"] = _bound(name, lambda x: lora_linear(x, w, b, a32, b32, s, p))
     out["_params"] = [w, b, a32, b32, a_h, b_h]  # type: ignore[assignment]
+    out["_checked"] = (w, b, a32, b32, s)  # type: ignore[assignment]  # what the peftkern providers read
     return out
 
 
@@ -118,18 +121,50 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
         x = torch.randn(case.m, case.d_in, device=device, dtype=dtype)
         provs = providers(case, dtype, device, compile_baseline)
         params = provs.pop("_params")
+        checked = provs.pop("_checked")
         shape = dict(m=case.m, d_in=case.d_in, d_out=case.d_out, r=case.r, dropout=case.p if case.train else 0.0,
                      dtype=str(dtype).split(".")[-1])
         measure = functools.partial(_measure, x0=x, case=case, params=params, device=device, quick=quick, timeit=timeit,
                                     peak_bytes=peak_bytes)
-        rows += provider_rows("lora", case.name, shape, provs, measure, progress)
+        check = functools.partial(_check, x0=x, case=case, tensors=checked)
+        rows += provider_rows("lora", case.name, shape, provs, measure, progress, check=check)
     return rows
+
+
+def keep_mask(backend: str, m: int, n: int, p: float, seed: int, device) -> torch.Tensor:
+    """The dropout keep-mask `backend` draws for `seed` (the torch backend and the kernels each have their
+    own generator; the cuda backend's LoRA kernel has no dropout: a p > 0 call runs on Triton)."""
+    if backend in ("triton", "cuda"):
+        from ..triton.lora import dropout_keep
+
+        return dropout_keep(m, n, p, seed, device)
+    return ref.dropout_keep((m, n), p, seed, device)
+
+
+def _check(name, fn, x0, case, tensors, seed=1234):
+    """Output and every gradient (x, lora_A, lora_B) of one call against fp64, with the kernel's own mask."""
+    w, b, a32, b32, s = tensors
+    p = case.p if case.train else 0.0
+    keep = None
+    if p > 0.0:
+        torch.manual_seed(seed)  # check_op runs the provider after the same manual_seed: the op draws this seed
+        keep = keep_mask(name.removeprefix("peftkern-"), case.m, case.d_in, p, int(draw_seed(p)), x0.device)
+    x = x0.detach().requires_grad_(case.train)
+
+    def run():
+        if case.train:
+            return fn(x)
+        with torch.no_grad():
+            return fn(x)
+
+    reference = lambda x, w, b, a, bb: ref.lora_linear(x, w, b, a, bb, s, keep, p)
+    return check_op(run, reference, [x, w, b, a32, b32], ["dx", "dW", "db", "dA", "dB"], seed=seed)
 
 
 def _measure(fn, x0, case, params, device, quick, timeit, peak_bytes):
     if not case.train:
         with torch.no_grad():
-            return {"y_checksum": fn(x0).float().abs().mean().item(), "fwd": timeit(lambda: fn(x0), device, quick)}
+            return {"fwd": timeit(lambda: fn(x0), device, quick)}
     x = x0.detach().requires_grad_(True)
     live = [p for p in params if p is not None]
     res = measure_train(lambda: fn(x), [x, *[p for p in live if p.requires_grad]], live, device, quick, timeit,

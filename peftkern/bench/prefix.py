@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 from .. import _backend
 from ..ops.prefix import prefix_attention
+from ..reference import prefix as ref
 from ..reference.prefix import full_mask
+from ._check import check_op
 from ._timing import cuda_why_not, measure_train, provider_rows, triton_why_not
 
 
@@ -115,8 +117,9 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
                      dtype=str(dtype).split(".")[-1])
         measure = functools.partial(_measure_prov, case=case, device=device, quick=quick, timeit=timeit,
                                     peak_bytes=peak_bytes)
+        check = functools.partial(_check, case=case)
         case_rows = provider_rows("prefix", case.name, shape, providers(case, dtype, device, compile_baseline),
-                                  measure, progress)
+                                  measure, progress, check=check)
         for row in case_rows:
             if row["provider"] in _NOTES:
                 row["note"] = _NOTES[row["provider"]]
@@ -130,6 +133,14 @@ def _visible_pairs(case: Case) -> int:
         return case.L * (case.P + case.S)
     shift = case.S - case.L
     return case.L * case.P + sum(min(case.S, max(0, i + shift + 1)) for i in range(case.L))
+
+
+def _check(name, prov, case):
+    """Output and every gradient (q, k, v, prefix_k, prefix_v) of one call against the fp64 concat
+    attention (the same attention in the inputs' dtype, scores materialized, bounds the error)."""
+    fn, ins = prov
+    reference = lambda q, k, v, pk, pv: ref.attention(q, k, v, pk, pv, case.causal)
+    return check_op(lambda: fn(*ins), reference, ins, ["dq", "dk", "dv", "dprefix_k", "dprefix_v"])
 
 
 def _measure_prov(prov, **kw):
