@@ -22,6 +22,7 @@ def bench_json(tmp_path_factory):
     """A real `peftkern bench lora --quick --json` run, on shapes small enough for a test."""
     path = tmp_path_factory.mktemp("bench") / "bench_cpu.json"
     mp = pytest.MonkeyPatch()
+    mp.setenv("PEFTKERN_COMMIT", "0123abc")  # the tree may travel without .git (a GPU machine): a known commit
     mp.setitem(bench_lora.QUICK, "tiny", [bench_lora.Case("train", 24, 32, 16, 4, 0.1, True),
                                           bench_lora.Case("decode-m2", 2, 32, 16, 4, 0.0, False)])
     try:
