@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -295,40 +296,81 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     if config is None or not state:
         raise ValueError("the model has no peftkern adapters to save (call add_adapters first)")
     os.makedirs(path, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(path, WEIGHTS_NAME),
+    weights = os.path.join(path, WEIGHTS_NAME)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, weights,
               metadata={"format": "pt", "producer": "peftkern"})
+    with open(weights, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
     meta = {"peftkern_adapter": config.to_dict(), "base_model_class": type(model).__name__,
-            "num_adapters": len(state) // 4}
+            "num_adapters": len(state) // 4, "weights_sha256": digest}
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Loads adapters saved by `save_adapters` into `model`, adding them first when it has none. Strict:
-    a missing or unexpected tensor, a shape mismatch or a different config raises ValueError."""
-    from safetensors.torch import load_file
-
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        meta = json.load(f)
-    if "peftkern_adapter" not in meta:
-        raise ValueError(f"{os.path.join(path, CONFIG_NAME)} is not a peftkern adapter config")
-    config = AdapterConfig.from_dict(meta["peftkern_adapter"])
+    a missing or unexpected tensor, a shape mismatch or a different config raises ValueError, and so
+    does an unreadable, truncated or altered file (the weights' sha256 is checked against the config's
+    where the config records one). On any failure the model is left as it was."""
+    config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    meta, config = _read_config(config_path)
     current = adapter_config(model)
     if current is not None and _comparable(current) != _comparable(config):
         raise ValueError(f"the model's adapters were added with {current.to_dict()}, the saved ones with "
                          f"{config.to_dict()}: remove_adapters(model) first")
-    saved = load_file(os.path.join(path, WEIGHTS_NAME))
+    saved, altered = _read_weights(weights_path, meta.get("weights_sha256"))
     if current is None:
         flags = _grad_flags(model)
         add_adapters(model, config)
     try:
-        _copy_strict(model, saved, path)
-    except ValueError:
+        _copy_strict(model, saved, path, meta.get("base_model_class"), altered)
+    except Exception:
         if current is None:  # leave the model as it was: no adapters, its own requires_grad flags
             remove_adapters(model)
             _restore_grad_flags(model, flags)
         raise
     return model
+
+
+def _read_config(config_path: str) -> tuple[dict, AdapterConfig]:
+    with open(config_path, "rb") as f:
+        raw = f.read()
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:  # truncated or not JSON (UnicodeDecodeError is a ValueError too)
+        raise ValueError(f"{config_path} is not valid JSON ({e}): the file is damaged; save the adapters "
+                         "again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("peftkern_adapter"), dict):
+        raise ValueError(f"{config_path} is not a peftkern adapter config")
+    try:
+        config = AdapterConfig.from_dict(meta["peftkern_adapter"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_path}: invalid adapter config: {e}") from None
+    return meta, config
+
+
+def _read_weights(weights_path: str, want_sha256) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The saved tensors, and why their bytes differ from the sha256 the config recorded (None: they do
+    not, or no sha256 was recorded). The caller reports names and shapes first, then this."""
+    from safetensors.torch import load as load_bytes
+
+    with open(weights_path, "rb") as f:
+        data = f.read()
+    altered = None
+    if want_sha256 is not None and hashlib.sha256(data).hexdigest() != want_sha256:
+        altered = (f"{weights_path} does not match the sha256 recorded in {CONFIG_NAME} when the adapters were "
+                   "saved: the file was truncated or altered since; save the adapters again")
+    try:
+        saved = load_bytes(data)
+    except Exception as e:  # safetensors raises its own error type for a bad header or short data
+        raise ValueError(f"{weights_path} is not a readable safetensors file ({type(e).__name__}: {e})"
+                         f"{'; its sha256 differs from the one recorded when saved' if altered else ''}: the "
+                         "file is truncated or damaged; save the adapters again") from None
+    bad = sorted(k for k, v in saved.items() if not v.is_floating_point())
+    if bad:
+        raise ValueError(f"{weights_path}: adapter tensors {bad[:4]} are not floating point "
+                         f"({saved[bad[0]].dtype}): not adapters peftkern saved")
+    return saved, altered
 
 
 def _comparable(config: AdapterConfig) -> dict:
@@ -337,17 +379,23 @@ def _comparable(config: AdapterConfig) -> dict:
     return d
 
 
-def _copy_strict(model: nn.Module, saved: dict[str, torch.Tensor], path) -> None:
+def _copy_strict(model: nn.Module, saved: dict[str, torch.Tensor], path, saved_from: str | None = None,
+                 altered: str | None = None) -> None:
     state = adapter_state_dict(model)
     missing, unexpected = sorted(set(state) - set(saved)), sorted(set(saved) - set(state))
     if missing or unexpected:
-        raise ValueError(f"adapter tensors do not match the model: missing {missing[:4]}"
+        model_name = type(model).__name__
+        origin = (f" (saved from a {saved_from}, loading into a {model_name})"
+                  if saved_from and saved_from != model_name else "")
+        raise ValueError(f"adapter tensors in {path} do not match the model{origin}: missing {missing[:4]}"
                          f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
                          f"{'...' if len(unexpected) > 4 else ''}")
     for name, p in state.items():
         if saved[name].shape != p.shape:
             raise ValueError(f"adapter tensor {name} has shape {tuple(saved[name].shape)} in {path} but "
                              f"{tuple(p.shape)} in the model")
+    if altered is not None:
+        raise ValueError(altered)
     with torch.no_grad():
         for name, p in state.items():
             p.copy_(saved[name])
