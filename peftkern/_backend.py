@@ -24,6 +24,7 @@ import torch
 log = logging.getLogger("peftkern")
 
 BACKENDS = ("torch", "triton", "cuda")
+_NAMES = frozenset((*BACKENDS, "auto"))
 _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftkern_backend", default=None)
 _logged: set[tuple[str, str, str]] = set()
 
@@ -38,12 +39,26 @@ def _check_name(name: str) -> str:
     return name
 
 
+# os.environ.get costs ~1 us (key encoding, Mapping.get); the ops read three variables per call. On POSIX the
+# decoded mapping is os.environ._data (bytes keys), kept in sync by every os.environ write, so read it there.
+_ENV = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def _env(name: str, default: str) -> str:
+    if _ENV is None:
+        return os.environ.get(name, default)
+    v = _ENV.get(name.encode())
+    return default if v is None else os.fsdecode(v)
+
+
 def requested_backend() -> str:
     """The backend the user asked for: 'torch', 'triton', 'cuda' or 'auto'."""
     name = _requested.get()
     if name is None:
-        name = os.environ.get("PEFTKERN_BACKEND", "auto").strip().lower() or "auto"
-    return _check_name(name)
+        name = _env("PEFTKERN_BACKEND", "auto")
+        if name != "auto":
+            name = name.strip().lower() or "auto"
+    return name if name in _NAMES else _check_name(name)
 
 
 @contextlib.contextmanager
@@ -57,7 +72,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def strict() -> bool:
-    return os.environ.get("PEFTKERN_STRICT", "0") == "1"
+    return _env("PEFTKERN_STRICT", "0") == "1"
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -70,7 +85,7 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 
 def interpreting() -> bool:
     """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.lru_cache(maxsize=1)
@@ -147,6 +162,20 @@ def dispatch(op: str, device: torch.device, impls: dict[str, Callable[[], str | 
             return name
         reasons.append((name, why))
     raise BackendUnavailable(f"peftkern.{op}: no backend can take this call: {reasons}")
+
+
+_choices: dict[tuple, str] = {}
+
+
+def cached_dispatch(key: tuple, choose: Callable[[], str]) -> str:
+    """`choose()` (a `dispatch` call whose answer depends only on `key`) once per key. Strict mode and the
+    interpreter flag are part of the key: they change what dispatch may return or raise. Keys must not
+    cover the cuda backend where it depends on whether the extension is loaded yet."""
+    full = (key, strict(), interpreting())
+    name = _choices.get(full)
+    if name is None:
+        name = _choices[full] = choose()
+    return name
 
 
 def _note_fallback(op: str, req: str, chosen: str, reasons: list[tuple[str, str]], device) -> None:

@@ -56,7 +56,30 @@ def linear_base(x, weight, bias) -> tuple[int, int]:
     return out_f, in_f
 
 
+def _lora_linear_ok(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> bool:
+    """The common, valid call, checked in a few attribute reads (the checks below name what is wrong)."""
+    T = torch.Tensor
+    if not (isinstance(x, T) and isinstance(weight, T) and isinstance(lora_A, T) and isinstance(lora_B, T)):
+        return False
+    if type(scaling) not in (float, int) or type(dropout_p) not in (float, int) or not 0.0 <= dropout_p < 1.0:
+        return False
+    if x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype or lora_A.dtype not in FLOAT_DTYPES:
+        return False
+    if lora_B.dtype != lora_A.dtype or x.dim() < 1 or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        return False
+    (out_f, in_f), (r, a_in) = weight.shape, lora_A.shape
+    if x.shape[-1] != in_f or a_in != in_f or lora_B.shape != (out_f, r) or not 1 <= r <= min(in_f, out_f):
+        return False
+    dev = x.device
+    if weight.device != dev or lora_A.device != dev or lora_B.device != dev:
+        return False
+    return bias is None or (isinstance(bias, T) and bias.dtype == x.dtype and bias.shape == (out_f,)
+                            and bias.device == dev)
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    if _lora_linear_ok(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+        return
     tensor("x", x, min_ndim=1)
     tensor("weight", weight, ndim=2)
     if bias is not None:

@@ -10,7 +10,7 @@ import time
 
 from . import _cli_args
 
-OPS = ("lora", "adapter", "ia3", "prefix", "e2e")
+OPS = ("lora", "adapter", "ia3", "prefix", "e2e", "overhead")
 
 
 def _bench(args) -> int:

@@ -8,6 +8,7 @@ tokens_per_s and peak memory.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ QUICK = {
 }
 
 BASELINES = ("peft",)
+MIN_STEPS = 10  # timed steps per row, at least: the median and the spread rest on them
 
 
 def build(case: Case, dtype, device):
@@ -148,7 +150,25 @@ def _measure(model, ids, params, tokens, device, quick, timeit, peak_bytes):
 
     torch.manual_seed(1)
     first = step().item()  # also creates the optimizer state, so peak memory below is a steady-state step
-    res = {"loss_first_step": first, "full": timeit(step, device, quick)}
+    res = {"loss_first_step": first, "full": timeit(step, device, quick, min_samples=MIN_STEPS)}
+    res["host"] = _host_ms(step, device)
     res["tokens_per_s"] = tokens / (res["full"]["median_ms"] / 1e3)
     res["peak_bytes"] = peak_bytes(step, device)
     return res
+
+
+def _host_ms(step, device) -> dict:
+    """Host time per step: from the call until `step` returns, the device idle at the start (on CUDA the
+    host only enqueues; when this is near the device time, the host is what limits the step)."""
+    from ._timing import _summary
+
+    times = []
+    for _ in range(MIN_STEPS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return _summary(times)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import weakref
 
 import torch
 from torch import nn
@@ -149,38 +150,6 @@ def _active(layer) -> list[str]:
     return [a for a in layer.active_adapters if a in keys]
 
 
-def _why_not(layer, x, args, kwargs) -> str | None:
-    """None: take the fused path. "": peft's forward is only the base layer (adapters disabled / merged / none
-    active here), nothing to fuse. Otherwise the reason the fused path cannot take this call."""
-    if args:
-        return "extra positional arguments to the LoRA layer"
-    for k, v in kwargs.items():
-        if v is not None or k not in _NONE_KWARGS:
-            return "adapter_names (mixed-adapter batch)" if k == "adapter_names" else f"keyword argument {k!r}"
-    if layer.disable_adapters or layer.merged:
-        return ""
-    active = _active(layer)
-    if not active:
-        return ""
-    why = _layer_why_not(layer, active)
-    if why is not None:
-        return why
-    w = layer.base_layer.weight
-    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS or x.dim() < 1:
-        return "input is not a float tensor"
-    a_w = layer.lora_A[active[0]].weight
-    if x.device != w.device or a_w.device != w.device:
-        return "input, base weight and adapters are on different devices"
-    cdt = _backend.autocast_dtype(x.device.type)
-    if cdt is not None:
-        return None if cdt in _FLOATS else "autocast to an unsupported dtype"
-    if x.dtype != w.dtype:
-        return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
-    if x.dtype != a_w.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
-        return "input dtype casting disabled (peft.helpers.disable_input_dtype_casting)"
-    return None
-
-
 def _note_fallback(why: str, kind: str = "LoRA") -> None:
     if _backend.strict():
         raise _backend.BackendUnavailable(f"peftkern.accelerate: a {kind} layer falls back to peft's forward: {why}")
@@ -192,26 +161,122 @@ def _note_fallback(why: str, kind: str = "LoRA") -> None:
 # ------------------------------------------------------------------------------------------------ forward
 
 
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__)
+
+
+def _state_key(layer) -> tuple:
+    """Everything the input-independent checks read, as ids and plain values: cheap to build per call, and
+    different whenever the layer's state (adapters active/merged/disabled, modules, parameters, their dtypes
+    and devices, hooks) changes. The plan keeps the objects alive, so their ids cannot be reused."""
+    mods = layer._modules
+    base = mods["base_layer"]
+    active = tuple(_active(layer))
+    key = [layer.disable_adapters, len(layer.merged_adapters), active, id(base), type(base), _hooked(base),
+           len(layer.lora_variant)]
+    for t in (base._parameters.get("weight"), base._parameters.get("bias")):
+        key += (id(t), None if t is None else (t.dtype, t.device))
+    if active:
+        a0 = active[0]
+        for m in (mods["lora_A"]._modules[a0], mods["lora_B"]._modules[a0]):
+            key += (id(m), type(m), _hooked(m))
+            for t in m._parameters.values():
+                key += (id(t), None if t is None else (t.dtype, t.device))
+        key += (id(mods["lora_dropout"]._modules[a0]),)
+    return tuple(key)
+
+
+class _Plan:
+    """A layer's fused-path decision and the objects the fused call reads, valid while its key holds."""
+
+    __slots__ = ("active", "base", "conv1d", "drop", "key", "lora_a", "lora_b", "why")
+
+    def __init__(self, layer, key):
+        self.key = key
+        self.why = _state_why_not_call(layer)
+        self.active = _active(layer)
+        if self.why is None:
+            a0 = self.active[0]
+            self.base = layer._modules["base_layer"]
+            self.conv1d = _base_kind(self.base) == "conv1d"
+            self.lora_a, self.lora_b = layer.lora_A[a0], layer.lora_B[a0]
+            self.drop = layer.lora_dropout[a0]
+
+
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _Plan (not in the instance dict:
+# it must not travel with pickles and deepcopies)
+
+
+def _plan(layer) -> _Plan:
+    key = _state_key(layer)
+    plan = _plans.get(layer)
+    if plan is None or plan.key != key:
+        plan = _plans[layer] = _Plan(layer, key)
+    return plan
+
+
+def _state_why_not_call(layer) -> str | None:
+    """_state_why_not as the forward reads it: "" when peft's forward is only the base layer."""
+    if layer.disable_adapters or layer.merged:
+        return ""
+    active = _active(layer)
+    return _layer_why_not(layer, active) if active else ""
+
+
+def _input_why_not(plan: _Plan, layer, x, args, kwargs) -> str | None:
+    """Why this call (its arguments, input dtype and device, autocast) cannot take the fused path."""
+    if args:
+        return "extra positional arguments to the LoRA layer"
+    for k, v in kwargs.items():
+        if v is not None or k not in _NONE_KWARGS:
+            return "adapter_names (mixed-adapter batch)" if k == "adapter_names" else f"keyword argument {k!r}"
+    if plan.why is not None:
+        return plan.why
+    w = plan.base._parameters["weight"]
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS or x.dim() < 1:
+        return "input is not a float tensor"
+    a_w = plan.lora_a._parameters["weight"]
+    if x.device != w.device or a_w.device != w.device:
+        return "input, base weight and adapters are on different devices"
+    cdt = _backend.autocast_dtype(x.device.type)
+    if cdt is not None:
+        return None if cdt in _FLOATS else "autocast to an unsupported dtype"
+    if x.dtype != w.dtype:
+        return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
+    if x.dtype != a_w.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+        return "input dtype casting disabled (peft.helpers.disable_input_dtype_casting)"
+    s = layer.scaling[plan.active[0]]
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+        return f"scaling is a {type(s).__name__}, not a Python number"
+    return None
+
+
+def _why_not(layer, x, args, kwargs) -> str | None:
+    """None: take the fused path. "": peft's forward is only the base layer (adapters disabled / merged / none
+    active here), nothing to fuse. Otherwise the reason the fused path cannot take this call."""
+    return _input_why_not(_plan(layer), layer, x, args, kwargs)
+
+
 def _fused_forward(self, x, *args, **kwargs):
     """Replaces a peft `lora.Linear` instance's forward; see the module docstring for the semantics."""
-    why = _why_not(self, x, args, kwargs)
+    plan = _plan(self)
+    why = _input_why_not(plan, self, x, args, kwargs)
     if why is not None:
         if why:
             _note_fallback(why)
         return _swap.base_class(self).forward(self, x, *args, **kwargs)
-    active = _active(self)
-    a0 = active[0]
-    base = self.base_layer
-    w, b = base.weight, base.bias
-    if _base_kind(base) == "conv1d":
+    active = plan.active
+    params = plan.base._parameters
+    w, b = params["weight"], params["bias"]
+    if plan.conv1d:
         w = w.t()  # Conv1D stores (in, out): pass the (out, in) view; the op reads weights by strides
-    lora_a, lora_b = self.lora_A[a0].weight, self.lora_B[a0].weight
-    s = float(self.scaling[a0])
-    drop = self.lora_dropout[a0]
-    p = float(drop.p) if type(drop) is nn.Dropout and drop.training else 0.0
-    lb = self.lora_B[a0].bias  # lora_bias=True: s * b_B folds into the base bias of the fused GEMM
-    dev = x.device.type
-    cdt = _backend.autocast_dtype(dev)
+    lora_a, lora_b = plan.lora_a._parameters["weight"], plan.lora_b._parameters["weight"]
+    s = float(self.scaling[active[0]])
+    drop = plan.drop
+    p = float(drop.p) if drop.training and type(drop) is nn.Dropout else 0.0
+    lb = plan.lora_b._parameters.get("bias")  # lora_bias=True: s * b_B folds into the base bias of the fused GEMM
+    cdt = _backend.autocast_dtype(x.device.type)
     if cdt is not None:
         # Do what autocast does to peft's linears (cast every operand to the autocast dtype), then run the op
         # with autocast off so it does not recast the op's internals.
@@ -219,7 +284,7 @@ def _fused_forward(self, x, *args, **kwargs):
         b = None if b is None else b.to(cdt)
         if lb is not None:
             lb = lb.to(cdt)
-        with torch.autocast(dev, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             y = _lora_ops.lora_linear(x_c, w, _fold_bias(b, lb, s, cdt), lora_a, lora_b, s, p)
     else:
         y = _lora_ops.lora_linear(x, w, _fold_bias(b, lb, s, w.dtype), lora_a, lora_b, s, p)

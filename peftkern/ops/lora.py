@@ -53,6 +53,14 @@ def _bwd_backends(r):
     return {"torch": lambda: None, "triton": lambda: too_big}
 
 
+def _fwd_impl(backend: str):
+    return _triton().lora_linear_fwd if backend == "triton" else ref.lora_linear_fwd
+
+
+def _bwd_impl(backend: str):
+    return _triton().lora_linear_bwd if backend == "triton" else ref.lora_linear_bwd
+
+
 @torch.library.custom_op("peftkern::lora_linear", mutates_args=())
 def lora_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -64,10 +72,8 @@ def lora_linear_op(
     if backend == "cuda":
         y, t = torch.ops.peftkern_cuda.lora_decode(x2d.contiguous(), weight.contiguous(), bias,
                                                    lora_A.contiguous(), lora_B.contiguous(), scaling)
-    elif backend == "triton":
-        y, t = _triton().lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, s)
     else:
-        y, t = ref.lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, s)
+        y, t = _fwd_impl(backend)(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, s)
     return own(y, (*x.shape[:-1], weight.shape[0])), t
 
 
@@ -91,8 +97,7 @@ def lora_linear_backward_op(
     dy2d = dy.reshape(-1, dy.shape[-1])
     s = int(seed.item()) if seed is not None else 0
     backend = _backend.dispatch("lora_linear_backward", x.device, _bwd_backends(lora_A.shape[0]), requested=backend)
-    impl = _triton().lora_linear_bwd if backend == "triton" else ref.lora_linear_bwd
-    dx, d_a, d_b = impl(dy2d, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, s, need_dx, need_ab)
+    dx, d_a, d_b = _bwd_impl(backend)(dy2d, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, s, need_dx, need_ab)
     dx = own(dx, x.shape) if need_dx else x.new_empty((0,))
     if not need_ab:
         d_a, d_b = lora_A.new_empty((0,)), lora_B.new_empty((0,))
@@ -127,22 +132,98 @@ def _backward(ctx, dy, _dt):
         dx, d_a, d_b = torch.ops.peftkern.lora_linear_backward(
             dy, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, seed, need_dx, need_a or need_bb,
             ctx.backend)
+    return (dx if need_dx else None, *_base_grads(dy, x, need_w, need_b and ctx.has_bias),
+            d_a if need_a else None, d_b if need_bb else None, None, None, None)
+
+
+def _base_grads(dy, x, need_w, need_b):
+    """dW, db of a trainable base (the slow path: plain torch ops, visible to the compiler)."""
     dy2d = dy.reshape(-1, dy.shape[-1])
-    # A trainable base is the slow path: plain torch ops, visible to the compiler.
     d_w = dy2d.t() @ x.reshape(-1, x.shape[-1]) if need_w else None
-    d_bias = dy2d.sum(0) if (need_b and ctx.has_bias) else None
-    return (dx if need_dx else None, d_w, d_bias, d_a if need_a else None, d_b if need_bb else None,
-            None, None, None)
+    return d_w, (dy2d.sum(0) if need_b else None)
 
 
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def draw_seed(dropout_p: float) -> Tensor | None:
-    """A dropout seed from torch's default generator, so torch.manual_seed reproduces a run."""
+    """A dropout seed from torch's default CPU generator, so torch.manual_seed reproduces a run. Made on the
+    CPU explicitly: under torch.set_default_device("cuda") a device seed would cost a sync at .item()."""
     if dropout_p == 0.0:
         return None
-    return torch.randint(0, _MAX_SEED, (), dtype=torch.int64)
+    return torch.randint(0, _MAX_SEED, (), dtype=torch.int64, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------ eager path
+# In eager mode the op's own dispatch (custom-op wrapper, argument defaults, redispatch, a seed tensor and
+# its .item(), a backend choice rebuilt per call) cost more host time than the work on small layers. Eager
+# calls therefore run the same backend functions through a plain autograd.Function; torch.compile, export,
+# meta tensors, tensor subclasses and functorch transforms keep the custom op (one opaque node each way).
+
+
+def _eager(x: Tensor) -> bool:
+    return (type(x) is torch.Tensor and x.device.type != "meta" and not torch.compiler.is_compiling()
+            and not torch._C._get_tracing_state() and not torch._C._are_functorch_transforms_active())
+
+
+def _backends(device, r: int) -> tuple[str, str]:
+    """(forward, backward) backend for an eager call, chosen as the op chooses them and cached per (device,
+    request, rank limit); ("", ...) for an explicit cuda request, whose decode kernel depends on M."""
+    req = _backend.requested_backend()
+    if req == "cuda":
+        return "", "triton"  # the LoRA backward has no CUDA C++ kernel: the cuda backend runs Triton's
+    fwd = _backend.cached_dispatch(("lora_linear", device, req, r > 128), lambda: _backend.dispatch(
+        "lora_linear", device, _eager_fwd_backends(r, req), requested=req))
+    bwd = _backend.cached_dispatch(("lora_linear_backward", device, req, r > 128), lambda: _backend.dispatch(
+        "lora_linear_backward", device, _bwd_backends(r), requested=req))
+    return fwd, bwd
+
+
+def _eager_fwd_backends(r: int, req: str):
+    impls = _bwd_backends(r)  # the forward's torch/triton limits are the backward's
+    impls["cuda"] = lambda: ("the cuda LoRA decode kernel is opt-in (PEFTKERN_BACKEND=cuda) until verified on a GPU"
+                             if req == "auto" else "the cuda decode kernel is not requested")
+    return impls
+
+
+class _LoraLinearEager(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, seed_t, fwd_backend, bwd_backend):
+        x2d = x.reshape(-1, x.shape[-1])
+        y, t = _fwd_impl(fwd_backend)(x2d, weight, bias, lora_A, lora_B, scaling, p, seed)
+        # The seed tensor is saved as the op saves it, so both paths keep the same bytes for backward.
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, seed_t)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, p, seed, bwd_backend
+        ctx.has_bias = bias is not None
+        return own(y, (*x.shape[:-1], weight.shape[0]))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, t, _ = ctx.saved_tensors
+        need_dx, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        dx = d_a = d_b = None
+        if need_dx or need_a or need_bb:
+            dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
+            dx, d_a, d_b = _bwd_impl(ctx.backend)(
+                dy2d, x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p,
+                ctx.seed, need_dx, need_a or need_bb)
+            if need_dx:
+                dx = dx.reshape(x.shape)
+        return (dx, *_base_grads(dy, x, need_w, need_b and ctx.has_bias), d_a if need_a else None,
+                d_b if need_bb else None, None, None, None, None, None, None)
+
+
+def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
+    fwd, bwd = _backends(x.device, lora_A.shape[0])
+    if not fwd:  # an explicit cuda request: the op decides per call (its decode kernel depends on M)
+        return None
+    seed_t = draw_seed(p)
+    seed = int(seed_t) if seed_t is not None else 0
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
+                                    or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
+        return _LoraLinearEager.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, seed_t, fwd, bwd)
+    y, _ = _fwd_impl(fwd)(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, p, seed)
+    return own(y, (*x.shape[:-1], weight.shape[0]))
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -155,6 +236,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     from a seed drawn from torch's default generator; the mask is regenerated in backward.
     """
     _validate.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    y, _ = torch.ops.peftkern.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling),
-                                          float(dropout_p), draw_seed(dropout_p))
+    scaling, dropout_p = float(scaling), float(dropout_p)
+    if _eager(x):
+        y = _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+        if y is not None:
+            return y
+    y, _ = torch.ops.peftkern.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, draw_seed(dropout_p))
     return y

@@ -7,15 +7,33 @@ and backward the kernels implement, with the dropout mask regenerated from the s
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
+
+# One reseeded generator per thread and device: making one per call costs more than the mask.
+_generators = threading.local()
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    gens = _generators.__dict__
+    g = gens.get(device)
+    if g is None:
+        g = gens[device] = torch.Generator(device=device)
+    return g
 
 
 def dropout_keep(shape, p: float, seed: int, device) -> torch.Tensor:
     """Bernoulli(1 - p) keep-mask drawn from a private generator seeded with `seed`."""
-    g = torch.Generator(device=device)
+    return _keep(shape, torch.device(device), p, seed).bool()
+
+
+def _keep(shape, device: torch.device, p: float, seed: int) -> torch.Tensor:
+    """The keep-mask for `seed` as fp32 1.0 (kept) / 0.0 (one bernoulli_ call: the cheapest draw on the host)."""
+    g = _generator(device)
     g.manual_seed(int(seed))
-    return torch.rand(shape, generator=g, device=device) >= p
+    return torch.empty(shape, dtype=torch.float32, device=device).bernoulli_(1.0 - p, generator=g)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, keep=None, dropout_p=0.0):
@@ -26,36 +44,37 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, keep=None, dropout_p=0
     return (F.linear(x, weight, bias) + lora).to(x.dtype)
 
 
-def _drop(x2d, p, seed):
-    if p == 0.0:
-        return x2d
-    keep = dropout_keep(x2d.shape, p, seed, x2d.device)
-    return x2d * keep.to(x2d.dtype) / (1.0 - p)
-
-
 def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
     """Returns (y, t) with t = drop(x) Aᵀ in float32, saved for backward."""
+    xd = x2d if p == 0.0 else x2d * _keep(x2d.shape, x2d.device, p, seed)
+    if x2d.dtype == lora_A.dtype == torch.float32:  # the common CPU case, in as few calls as possible
+        t = torch.mm(xd, lora_A.t())
+        if p != 0.0:
+            t.mul_(1.0 / (1.0 - p))
+        return F.linear(x2d, weight, bias).addmm_(t, lora_B.t(), alpha=scaling), t
     cdt = torch.promote_types(x2d.dtype, lora_A.dtype)
-    t = F.linear(_drop(x2d, p, seed).to(cdt), lora_A.to(cdt)).float()
-    lora = F.linear(t.to(cdt), lora_B.to(cdt)) * scaling
-    y = (F.linear(x2d, weight, bias) + lora).to(x2d.dtype)
-    return y, t
+    t = torch.mm(xd.to(cdt), lora_A.to(cdt).t()).float()
+    if p != 0.0:
+        t.mul_(1.0 / (1.0 - p))
+    lora = torch.mm(t.to(cdt), lora_B.to(cdt).t()).mul_(scaling)
+    return (F.linear(x2d, weight, bias) + lora).to(x2d.dtype), t
 
 
 def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_dx, need_ab=True):
     """Returns (dx or None, dA or None, dB or None). The dropout mask is drawn once and used for dA and dx."""
     dyf = dy.float()
-    dt = (dyf @ lora_B.float()) * scaling
-    keep = None if p == 0.0 else dropout_keep(x2d.shape, p, seed, x2d.device).float() / (1.0 - p)
+    dt = torch.mm(dyf, lora_B.float()).mul_(scaling)
+    xf = x2d.float()
+    keep = None if p == 0.0 else _keep(x2d.shape, x2d.device, p, seed).mul_(1.0 / (1.0 - p))
     d_a = d_b = None
     if need_ab:
-        d_b = (dyf.t() @ t * scaling).to(lora_B.dtype)
-        xd = x2d.float() if keep is None else x2d.float() * keep
-        d_a = (dt.t() @ xd).to(lora_A.dtype)
+        d_b = torch.mm(dyf.t(), t).mul_(scaling).to(lora_B.dtype)
+        d_a = torch.mm(dt.t(), xf if keep is None else xf * keep).to(lora_A.dtype)
     dx = None
     if need_dx:
-        lora_dx = dt @ lora_A.float()
+        lora_dx = torch.mm(dt, lora_A.float())
         if keep is not None:
-            lora_dx *= keep
-        dx = ((dy @ weight).float() + lora_dx).to(x2d.dtype)
+            lora_dx.mul_(keep)
+        dx = lora_dx.addmm_(dy, weight) if dy.dtype == torch.float32 else (torch.mm(dy, weight).float() + lora_dx)
+        dx = dx.to(x2d.dtype)
     return dx, d_a, d_b

@@ -392,7 +392,7 @@ def test_transformers_trainer(tmp_path, op_calls):
 def test_e2e_bench_rows():
     from peftkern.bench import e2e
 
-    def once(fn, device, quick):  # one real call stands in for the timing loop
+    def once(fn, device, quick, **kw):  # one real call stands in for the timing loop
         fn()
         return {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0}
 

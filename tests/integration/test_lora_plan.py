@@ -1,0 +1,173 @@
+"""The accelerated LoRA layer decides its fused path once per layer state (integrations/peft.py `_plan`), not
+per call: every state change after the first call must still give peft's result, or peft's forward."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from _lora_models import lora_layers, lora_model
+from _util import DEVICE
+from torch import nn
+
+import peftkern
+from peftkern.integrations import peft as integration
+from peftkern.ops import lora as lora_ops
+
+peft = pytest.importorskip("peft")
+
+
+def _pair(**kw):
+    plain = lora_model("llama", **kw).eval()
+    ours = copy.deepcopy(plain)
+    peftkern.accelerate(ours)
+    return plain, ours
+
+
+def _same(plain, ours, x):
+    """The first q_proj of both models on x: equal outputs (both fp32, same math up to rounding)."""
+    a, b = lora_layers(plain)[0], lora_layers(ours)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def x():
+    return torch.randn(3, 5, 32, device=DEVICE)
+
+
+def _fused_calls(monkeypatch):
+    calls = []
+    real = lora_ops.lora_linear
+    monkeypatch.setattr(lora_ops, "lora_linear", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_state_changes_after_the_first_call(x, monkeypatch):
+    plain, ours = _pair()
+    calls = _fused_calls(monkeypatch)
+    _same(plain, ours, x)  # the plan is built here
+    assert len(calls) == 1
+    for model in (plain, ours):  # each change below must reach the cached plan
+        layer = lora_layers(model)[0]
+        layer.scaling["default"] = 0.25  # set_scale-like edit of the dict
+    _same(plain, ours, x)
+    new_a = torch.randn(4, 32, device=DEVICE)
+    for model in (plain, ours):
+        lora_layers(model)[0].lora_A["default"].weight = nn.Parameter(new_a.clone())
+    _same(plain, ours, x)
+    with plain.disable_adapter(), ours.disable_adapter():
+        _same(plain, ours, x)
+    for model in (plain, ours):
+        lora_layers(model)[0].merge()
+    _same(plain, ours, x)
+    for model in (plain, ours):
+        lora_layers(model)[0].unmerge()
+    _same(plain, ours, x)
+    assert len(calls) == 4  # disabled and merged calls ran peft's base-only forward
+
+
+def test_a_second_adapter_switched_in(x):
+    plain, ours = _pair()
+    for model in (plain, ours):
+        torch.manual_seed(3)
+        model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    peftkern.accelerate(ours)
+    _same(plain, ours, x)
+    for model in (plain, ours):
+        model.set_adapter("other")
+    _same(plain, ours, x)
+
+
+def test_a_hook_added_after_the_first_call_is_honoured(x, monkeypatch):
+    monkeypatch.setenv("PEFTKERN_STRICT", "0")
+    plain, ours = _pair()
+    _same(plain, ours, x)
+    seen = []
+    for model in (plain, ours):
+        lora_layers(model)[0].base_layer.register_forward_hook(lambda m, i, o: seen.append(1))
+    _same(plain, ours, x)
+    assert len(seen) == 2, "the accelerated layer must run peft's forward (the hook fires) once its base is hooked"
+
+
+def test_dtype_change_after_the_first_call_falls_back(x, monkeypatch, caplog):
+    monkeypatch.setenv("PEFTKERN_STRICT", "0")
+    plain, ours = _pair()
+    _same(plain, ours, x)
+    plain.double()
+    ours.double()
+    with caplog.at_level(logging.WARNING, logger="peftkern"):
+        _same(plain, ours, x.double())
+    assert any("float64" in r.getMessage() for r in caplog.records)
+
+
+def test_dropout_probability_change_is_read_per_call(x):
+    plain, ours = _pair(lora_dropout=0.0)
+    ours.train()
+    layer = lora_layers(ours)[0]
+    y0 = layer(x)
+    layer.lora_dropout["default"] = nn.Dropout(0.5)  # a new module: a new plan
+    layer.train()
+    y1 = layer(x)
+    assert not torch.equal(y0, y1)
+    layer.lora_dropout["default"].p = 0.0  # same module, p read per call
+    torch.testing.assert_close(layer(x), y0)
+
+
+def test_plans_do_not_travel_with_copies(x):
+    _, ours = _pair()
+    lora_layers(ours)[0](x)
+    assert not any("plan" in k for k in vars(lora_layers(ours)[0]))
+    clone = copy.deepcopy(ours)
+    torch.testing.assert_close(lora_layers(clone)[0](x), lora_layers(ours)[0](x))
+
+
+# ------------------------------------------------------------------------- the op's eager path
+
+
+def test_eager_calls_skip_the_custom_op_and_compiled_calls_use_it():
+    x = torch.randn(4, 16, requires_grad=True)
+    w, a, b = torch.randn(8, 16), torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    y = lora_ops.lora_linear(x, w, None, a, b, 0.5, 0.1)
+    assert type(y.grad_fn).__name__ == "_LoraLinearEagerBackward"
+    with torch.device("meta"):  # meta tensors take the op and its fake kernel
+        ym = lora_ops.lora_linear(x.to("meta"), w.to("meta"), None, a.to("meta"), b.to("meta"), 0.5, 0.1)
+    assert ym.shape == (4, 8) and "LoraLinearEager" not in type(ym.grad_fn).__name__
+
+
+def test_dropout_seed_is_drawn_on_the_cpu():
+    torch.set_default_device("meta")
+    try:
+        seed = lora_ops.draw_seed(0.1)
+    finally:
+        torch.set_default_device(None)
+    assert seed.device.type == "cpu"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_eager_and_op_paths_agree(p):
+    """Same seed, same backend: the eager Function and the custom op give the same output and gradients."""
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    w, bias = torch.randn(8, 16), torch.randn(8)
+    a, b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    dy = torch.randn(2, 3, 8)
+    torch.manual_seed(7)
+    y = lora_ops.lora_linear(x, w, bias, a, b, 0.5, p)
+    got = (y, *torch.autograd.grad(y, (x, a, b), dy))
+    torch.manual_seed(7)
+    y2, _ = torch.ops.peftkern.lora_linear(x, w, bias, a, b, 0.5, p, lora_ops.draw_seed(p))
+    want = (y2, *torch.autograd.grad(y2, (x, a, b), dy))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+
+
+def test_plan_survives_and_reflects_restore(x):
+    plain, ours = _pair()
+    _same(plain, ours, x)
+    peftkern.restore(ours)
+    assert not integration.is_accelerated(lora_layers(ours)[0])
+    _same(plain, ours, x)
+    peftkern.accelerate(ours)
+    _same(plain, ours, x)
