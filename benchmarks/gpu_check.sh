@@ -113,7 +113,7 @@ run_step() {
   if (( t < 10 )); then
     status="not run: no time left before the deadline"; rc=0; secs=0
   else
-    local shown=${*//"-c $PRELUDE"/-m}
+    local shown="$*"; shown=${shown//"-c $PRELUDE"/-m}
     echo "== [$name] cap ${t}s: $shown" | cut -c1-240
     local s0; s0=$(date +%s.%N)
     timeout -k "$GRACE" -s INT "$t" "$@" > "$log" 2>&1
