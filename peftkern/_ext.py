@@ -8,7 +8,9 @@ import time.
 Cache: ``$PEFTKERN_CACHE_DIR`` or ``~/.cache/peftkern``, one folder per torch version, torch CUDA
 version and arch list (``$TORCH_CUDA_ARCH_LIST``, default ``8.0;9.0``), holding the ``.so`` and a
 ``build_meta.json`` (versions, nvcc, archs, sha256 of the sources, time). A build runs under an
-``fcntl.flock`` on ``<cache>/build.lock``, so concurrent processes build once.
+``fcntl.flock`` on ``<cache>/build.lock``, so concurrent processes build once. The meta is written
+last and records the .so's sha256: a build killed midway leaves no meta (so its files are never
+loaded, and the next build starts clean), and a damaged .so is reported and rebuilt, never loaded.
 
 ``PEFTKERN_NO_BUILD=1`` forbids compiling: a missing or mismatched build is then an error that
 says what the build was made for and what this process has.
@@ -111,6 +113,17 @@ def build_dir() -> Path:
 
 def so_path() -> Path:
     return build_dir() / f"{EXT_NAME}.so"
+
+
+def _file_sha256(path: Path) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 def _is_elf(path: Path) -> bool:
@@ -270,6 +283,10 @@ def _mismatch(meta: dict | None, folder: Path) -> str | None:
         return (f"peftkern CUDA extension in {folder} was built from other csrc sources "
                 f"(sha256 {str(meta.get('sources_sha256'))[:12]}, sources now {src[:12]}): "
                 "run 'peftkern build'")
+    want = meta.get("so_sha256")  # absent in builds made before it was recorded
+    if want is not None and _file_sha256(so) != want:
+        return (f"peftkern CUDA extension {so} is damaged (its sha256 differs from the one recorded when it "
+                "was built): run 'peftkern build' to rebuild it")
     return None
 
 
@@ -358,6 +375,11 @@ def _cpp_extension(home: str):
     return cpp
 
 
+def _uses_lock_file(cpp) -> bool:
+    """Whether torch's builder waits on the mere existence of ``<build dir>/lock`` (FileBaton)."""
+    return getattr(cpp, "FileBaton", None) is not None and getattr(cpp, "FileLock", None) is None
+
+
 def build(force: bool = False, verbose: bool = False) -> Path:
     """Compile csrc/ for the archs in $TORCH_CUDA_ARCH_LIST (default 8.0;9.0) into the cache and
     return the path of the .so. A no-op when the cache holds a build for this torch / CUDA / archs
@@ -387,10 +409,21 @@ def build(force: bool = False, verbose: bool = False) -> Path:
         _avail_cache.clear()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / META_NAME).unlink(missing_ok=True)
+        # The .so is stale or was left by a build killed midway (half written, maybe newer than its
+        # objects): never let the builder take it as up to date. Objects are kept (ninja recompiles
+        # those its log does not vouch for) unless `force`.
+        so.unlink(missing_ok=True)
         if force:
-            for p in list(folder.glob("*.o")) + [so]:
+            for p in folder.glob("*.o"):
                 p.unlink(missing_ok=True)
         cpp = _cpp_extension(home)
+        # torch < 2.14 guards its builder with a lock *file* (FileBaton) that a killed build leaves
+        # behind, after which every build waits on it forever (newer torch holds an OS lock instead).
+        # We hold the flock on the cache, so no other peftkern build runs here: the file is a dead build's.
+        stale = folder / "lock"
+        if _uses_lock_file(cpp) and stale.exists():
+            log.warning("peftkern: removing %s, left by a build that was killed", stale)
+            stale.unlink(missing_ok=True)
         include_dirs = [str(src_root / "include")]
         shim = _make_shim_include(folder / "shim_include", home)
         if shim is not None:
@@ -443,6 +476,7 @@ def build(force: bool = False, verbose: bool = False) -> Path:
             "build_seconds": round(seconds, 1),
             "so": so.name,
             "so_bytes": so.stat().st_size,
+            "so_sha256": _file_sha256(so),
         }
         tmp = folder / f"{META_NAME}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -476,7 +510,12 @@ def load(build_if_missing: bool = True, wait: bool | None = None) -> Path:
                     raise RuntimeError(why)
                 build()
             so = folder / f"{EXT_NAME}.so"
-            torch.ops.load_library(str(so))
+            try:
+                torch.ops.load_library(str(so))
+            except OSError as e:
+                raise RuntimeError(f"peftkern CUDA extension {so} could not be loaded ({e}): the cached build is "
+                                   "damaged or was made on another system; run 'peftkern build --force' to "
+                                   "rebuild it") from e
         _loaded_path = so
         _avail_cache.clear()
         log.debug("peftkern: loaded %s", so)
