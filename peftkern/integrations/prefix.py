@@ -21,6 +21,8 @@ on the fused op:
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import warnings
 
@@ -225,17 +227,44 @@ def _disable_adapter(self):
         self.__dict__.update(before)
 
 
+# transformers' keyword for the KV cache: `past_key_values` up to ~5.2x, then `cache` (5.24 warns that
+# `past_key_values` is removed in 5.40). peft 0.21 reads and writes `past_key_values` only.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+@functools.cache
+def cache_kwarg(cls) -> str:
+    """The name `cls.forward` takes the KV cache under: "cache" where its signature has it, else
+    "past_key_values" (older transformers, or a model class not yet renamed)."""
+    try:
+        params = inspect.signature(cls.forward).parameters  # follows transformers' deprecate_kwarg wrapper
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _pop_cache(kwargs: dict):
+    """Remove the cache from kwargs under either name and return it (transformers' precedence: `cache`)."""
+    found = [kwargs.pop(k) for k in CACHE_NAMES if k in kwargs]
+    return next((c for c in found if c is not None), None)
+
+
 def _check_cache(module, args, kwargs):
     """Forward pre-hook on the base model: it must run with the prefix, either passed down by the
     no-concat forward or in a cache peft's get_prompt made. Some transformers / peft pairs run generate()
-    on a fresh cache and drop the prefix: refuse those calls rather than read tokens as the prefix."""
+    on a fresh cache and drop the prefix: refuse those calls rather than read tokens as the prefix.
+    The cache, given under either name, is handed on under the one the base model's forward takes."""
     if kwargs.get(KWARG) is not None:
-        return
-    cache = kwargs.get("cache")
-    cache = cache if cache is not None else kwargs.get("past_key_values")
+        return None
+    if not any(kwargs.get(k) is not None for k in CACHE_NAMES):
+        cache = None
+    else:
+        cache = _pop_cache(kwargs)
+        kwargs[cache_kwarg(type(module))] = cache
     if getattr(cache, _LEN, None) is None:
         raise RuntimeError(f"{NAME} attention: the model runs on a cache without peft's prefix (this "
                            "transformers/peft pair drops it, e.g. in generate()); call the PeftModel itself")
+    return args, kwargs
 
 
 def _reentrant_checkpointing(base) -> bool:
@@ -257,8 +286,11 @@ def _no_concat_forward(self, input_ids=None, attention_mask=None, inputs_embeds=
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
         use_cache = not self.training and bool(getattr(self.get_base_model().config, "use_cache", False))
-    cache_asked = use_cache or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
+    cache_asked = use_cache or any(kwargs.get(k) is not None for k in CACHE_NAMES)
     if cache_asked or not is_prefix_model(self):
+        if "cache" in kwargs:  # peft's forward knows `past_key_values` only: one name, one behaviour
+            cache = _pop_cache(kwargs)
+            kwargs["past_key_values"] = cache
         return _swap.base_class(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions,
                                   output_hidden_states=output_hidden_states, return_dict=return_dict,
