@@ -78,7 +78,11 @@ def strict() -> bool:
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast casts to on `device_type`, or None when autocast is off there (or the
     device type has no autocast, e.g. meta)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # torch.compile on torch 2.11 cannot trace is_autocast_available (a graph break); the device types it
+    # compiles for (cpu, cuda) have autocast, so the check is only needed in eager mode (meta tensors).
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return None
+    if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
