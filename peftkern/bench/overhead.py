@@ -50,15 +50,16 @@ def _peft_layer(case: Case, device):
     return model.train(), layer
 
 
-def _enqueue_block(fn, number: int, device) -> float:
-    """Seconds per call of `fn` on the host; on CUDA queued behind a sleep, so device time never shows."""
+def _enqueue_block(fn, number: int, device, sleep_s: float = 0.0) -> float:
+    """Seconds per call of `fn` on the host; on CUDA queued behind a `sleep_s` device sleep, so device time
+    never shows (sleep_s must outlast the block: `_calls_per_block` sizes both)."""
     if device.type != "cuda":
         t0 = time.perf_counter()
         for _ in range(number):
             fn()
         return (time.perf_counter() - t0) / number
     torch.cuda.synchronize(device)
-    torch.cuda._sleep(int(2e9))  # ~1 s at H100/H200 clocks: longer than any block below
+    torch.cuda._sleep(int(sleep_s * 2.0e9))  # cycles; <= 2 GHz SM clocks make it at least sleep_s long
     t0 = time.perf_counter()
     for _ in range(number):
         fn()
@@ -67,12 +68,23 @@ def _enqueue_block(fn, number: int, device) -> float:
     return dt / number
 
 
-def _calls_per_block(fns, device) -> int:
-    """Calls per block so the slowest provider's block lasts ~2 ms (~20 ms on CUDA: the queue is deep)."""
-    target = 0.02 if device.type == "cuda" else 0.002
-    slowest = max(_enqueue_block(fn, 5, device) for fn in fns)
-    limit = 200 if device.type == "cuda" else 1 << 14  # stay inside the launch queue behind the sleep
-    return max(1, min(limit, int(target / max(slowest, 1e-7))))
+def _calls_per_block(fns, device) -> tuple[int, float]:
+    """(calls per block, device sleep in s): the slowest provider's block lasts ~2 ms on the host (~10 ms on
+    CUDA, at most 100 calls: they must fit the launch queue behind the sleep), the sleep 3x that."""
+    target = 0.01 if device.type == "cuda" else 0.002
+    slowest = 0.0
+    for fn in fns:  # synchronized wall time: an upper bound of the host time
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        slowest = max(slowest, (time.perf_counter() - t0) / 5)
+    limit = 100 if device.type == "cuda" else 1 << 14
+    number = max(1, min(limit, int(target / max(slowest, 1e-7))))
+    return number, 3 * number * slowest
 
 
 def interleaved(fns: dict, device, rounds: int) -> dict[str, dict]:
@@ -82,11 +94,11 @@ def interleaved(fns: dict, device, rounds: int) -> dict[str, dict]:
     for fn in fns.values():  # warm-up: first calls fill caches (backend choice, plans, kernels)
         for _ in range(3):
             fn()
-    number = _calls_per_block(list(fns.values()), device)
+    number, sleep_s = _calls_per_block(list(fns.values()), device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name].append(_enqueue_block(fn, number, device) * 1e3)
+            times[name].append(_enqueue_block(fn, number, device, sleep_s) * 1e3)
     return {name: _summary(t) | {"calls_per_block": number} for name, t in times.items()}
 
 
@@ -178,10 +190,11 @@ def _step_rows(device, dtype, rounds: int, progress) -> list[dict]:
     for fused in (False, True):  # warm-up
         as_provider(fused)()
         step()
+    _, sleep_s = _calls_per_block([step], device)
     for _ in range(rounds):
         for name, fused in (("peft", False), ("peftkern", True)):
             as_provider(fused)()
-            times[name].append(_enqueue_block(step, 1, device) * 1e3)
+            times[name].append(_enqueue_block(step, 1, device, sleep_s) * 1e3)
     restore(model)
     from ._timing import _summary
 

@@ -146,7 +146,7 @@ def _layer_why_not(layer, active: list[str]) -> str | None:
 
 
 def _active(layer) -> list[str]:
-    keys = layer.lora_A.keys()
+    keys = layer._modules["lora_A"]._modules  # not layer.lora_A: nn.Module.__getattr__ is slow per call
     return [a for a in layer.active_adapters if a in keys]
 
 
@@ -173,18 +173,23 @@ def _state_key(layer) -> tuple:
     mods = layer._modules
     base = mods["base_layer"]
     active = tuple(_active(layer))
-    key = [layer.disable_adapters, len(layer.merged_adapters), active, id(base), type(base), _hooked(base),
-           len(layer.lora_variant)]
-    for t in (base._parameters.get("weight"), base._parameters.get("bias")):
-        key += (id(t), None if t is None else (t.dtype, t.device))
-    if active:
-        a0 = active[0]
-        for m in (mods["lora_A"]._modules[a0], mods["lora_B"]._modules[a0]):
-            key += (id(m), type(m), _hooked(m))
-            for t in m._parameters.values():
-                key += (id(t), None if t is None else (t.dtype, t.device))
-        key += (id(mods["lora_dropout"]._modules[a0]),)
-    return tuple(key)
+    bp = base._parameters
+    w, b = bp.get("weight"), bp.get("bias")
+    key = (layer.disable_adapters, len(layer.merged_adapters), active, id(base), type(base), _hooked(base),
+           len(layer.lora_variant), id(w), id(b), _dtype_device(w), _dtype_device(b))
+    if not active:
+        return key
+    a0 = active[0]
+    lora_a, lora_b = mods["lora_A"]._modules[a0], mods["lora_B"]._modules[a0]
+    ap, bp = lora_a._parameters, lora_b._parameters
+    aw, bw, bb = ap.get("weight"), bp.get("weight"), bp.get("bias")
+    return (*key, id(lora_a), type(lora_a), _hooked(lora_a), id(lora_b), type(lora_b), _hooked(lora_b),
+            len(ap), len(bp), id(aw), id(bw), id(bb), _dtype_device(aw), _dtype_device(bw), _dtype_device(bb),
+            id(mods["lora_dropout"]._modules[a0]))
+
+
+def _dtype_device(t):
+    return None if t is None else (t.dtype, t.device)
 
 
 class _Plan:

@@ -138,6 +138,8 @@ def _backward(ctx, dy, _dt):
 
 def _base_grads(dy, x, need_w, need_b):
     """dW, db of a trainable base (the slow path: plain torch ops, visible to the compiler)."""
+    if not (need_w or need_b):
+        return None, None
     dy2d = dy.reshape(-1, dy.shape[-1])
     d_w = dy2d.t() @ x.reshape(-1, x.shape[-1]) if need_w else None
     return d_w, (dy2d.sum(0) if need_b else None)
@@ -186,16 +188,19 @@ def _eager_fwd_backends(r: int, req: str):
     return impls
 
 
+def _rows(t: Tensor) -> Tensor:
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
 class _LoraLinearEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, seed_t, fwd_backend, bwd_backend):
-        x2d = x.reshape(-1, x.shape[-1])
-        y, t = _fwd_impl(fwd_backend)(x2d, weight, bias, lora_A, lora_B, scaling, p, seed)
+        y, t = _fwd_impl(fwd_backend)(_rows(x), weight, bias, lora_A, lora_B, scaling, p, seed)
         # The seed tensor is saved as the op saves it, so both paths keep the same bytes for backward.
         ctx.save_for_backward(x, weight, lora_A, lora_B, t, seed_t)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, p, seed, bwd_backend
         ctx.has_bias = bias is not None
-        return own(y, (*x.shape[:-1], weight.shape[0]))
+        return y if x.dim() == 2 else own(y, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
     def backward(ctx, dy):
@@ -203,11 +208,12 @@ class _LoraLinearEager(torch.autograd.Function):
         need_dx, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dx = d_a = d_b = None
         if need_dx or need_a or need_bb:
-            dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
-            dx, d_a, d_b = _bwd_impl(ctx.backend)(
-                dy2d, x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p,
-                ctx.seed, need_dx, need_a or need_bb)
-            if need_dx:
+            dy2d = _rows(dy)
+            if not dy2d.is_contiguous():
+                dy2d = dy2d.contiguous()
+            dx, d_a, d_b = _bwd_impl(ctx.backend)(dy2d, _rows(x), weight, lora_A, lora_B, t, ctx.scaling,
+                                                  ctx.dropout_p, ctx.seed, need_dx, need_a or need_bb)
+            if need_dx and x.dim() != 2:
                 dx = dx.reshape(x.shape)
         return (dx, *_base_grads(dy, x, need_w, need_b and ctx.has_bias), d_a if need_a else None,
                 d_b if need_bb else None, None, None, None, None, None, None)
@@ -222,8 +228,8 @@ def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                     or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
         return _LoraLinearEager.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, seed_t, fwd, bwd)
-    y, _ = _fwd_impl(fwd)(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, p, seed)
-    return own(y, (*x.shape[:-1], weight.shape[0]))
+    y, _ = _fwd_impl(fwd)(_rows(x), weight, bias, lora_A, lora_B, scaling, p, seed)
+    return y if x.dim() == 2 else own(y, (*x.shape[:-1], weight.shape[0]))
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,

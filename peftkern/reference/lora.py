@@ -60,21 +60,29 @@ def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
     return (F.linear(x2d, weight, bias) + lora).to(x2d.dtype), t
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_dx, need_ab=True):
     """Returns (dx or None, dA or None, dB or None). The dropout mask is drawn once and used for dA and dx."""
-    dyf = dy.float()
-    dt = torch.mm(dyf, lora_B.float()).mul_(scaling)
-    xf = x2d.float()
+    dyf = _f32(dy)
+    dt = torch.mm(dyf, _f32(lora_B)).mul_(scaling)
+    xf = _f32(x2d)
     keep = None if p == 0.0 else _keep(x2d.shape, x2d.device, p, seed).mul_(1.0 / (1.0 - p))
     d_a = d_b = None
     if need_ab:
-        d_b = torch.mm(dyf.t(), t).mul_(scaling).to(lora_B.dtype)
-        d_a = torch.mm(dt.t(), xf if keep is None else xf * keep).to(lora_A.dtype)
+        d_b = _as(torch.mm(dyf.t(), t).mul_(scaling), lora_B.dtype)
+        d_a = _as(torch.mm(dt.t(), xf if keep is None else xf * keep), lora_A.dtype)
     dx = None
     if need_dx:
-        lora_dx = torch.mm(dt, lora_A.float())
+        lora_dx = torch.mm(dt, _f32(lora_A))
         if keep is not None:
             lora_dx.mul_(keep)
         dx = lora_dx.addmm_(dy, weight) if dy.dtype == torch.float32 else (torch.mm(dy, weight).float() + lora_dx)
-        dx = dx.to(x2d.dtype)
+        dx = _as(dx, x2d.dtype)
     return dx, d_a, d_b

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,6 +33,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 def upcast_dots(dtype: torch.dtype) -> bool:
     """Triton's interpreter multiplies bf16 bits as integers in tl.dot (triton#11584): upcast there."""
     return INTERPRET and dtype == torch.bfloat16
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (get_device_properties costs microseconds per call)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def block_r(r: int) -> int:

@@ -1,12 +1,15 @@
 """Fused LoRA linear: Triton kernels and launchers.
 
-Forward (two launches):
+Forward:
   shrink:  t = drop(x) Aᵀ                       dropout from Philox(seed, m*in + k), no mask stored
-  gemm:    y = x Wᵀ + s · t Bᵀ + b               LoRA term and bias in the epilogue, y written once
-Backward (four launches, dW/db are left to torch when the base is trainable):
-  shrink:  dt = s · dy B                        computed once, reused by dx and dA
+  gemm:    y = x Wᵀ + s · t Bᵀ + b               LoRA term and bias in the prologue, y written once
+Backward (dW/db are left to torch when the base is trainable):
+  dy:      dt = s · dy B,  dB = s · dyᵀ t       one read of dy (dt summed with atomics; under deterministic
+                                                algorithms a shrink for dt and a tn for dB instead)
   gemm:    dx = dy W + (dt A) ⊙ keep / (1 - p)  the LoRA term and the regenerated mask in the epilogue
-  tn:      dAᵀ = drop(x)ᵀ dt,  dB = s · dyᵀ t   skinny GEMMs split over M, partials summed in fp32
+  tn:      dAᵀ = drop(x)ᵀ dt                    a skinny GEMM split over M, partials summed in fp32
+With cuBLAS for the big GEMMs ("cublas" gemm mode, the CUDA default), the LoRA term (and bias) is written
+first and cuBLAS adds x Wᵀ (dy W) onto it with beta=1, instead of a pass that reads the GEMM's output back.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import GEMM_CONFIGS, INTERPRET, block_r, configs, dot_precision, grouped_pid, upcast_dots
+from ._common import GEMM_CONFIGS, INTERPRET, block_r, configs, dot_precision, grouped_pid, sm_count, upcast_dots
 
 
 @triton.jit
@@ -37,7 +40,7 @@ def _keep(seed, offs_m, n0, row_len, p, BLOCK_N: tl.constexpr):
     return u >= p
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "R", "M_KEY"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "R", "M_KEY", "HAS_DROPOUT"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _gemm_lora_kernel(
@@ -104,7 +107,7 @@ _SHRINK_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_SHRINK_CONFIGS, key=["K", "R", "M_KEY"])
+@triton.autotune(configs=_SHRINK_CONFIGS, key=["K", "R", "M_KEY", "HAS_DROPOUT"])
 @triton.jit
 def _shrink_kernel(
     X, A, T,
@@ -147,14 +150,14 @@ _TN_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_TN_CONFIGS, key=["N", "R", "SPLIT", "M_KEY"])
+@triton.autotune(configs=_TN_CONFIGS, key=["N", "R", "M_KEY", "HAS_DROPOUT"])
 @triton.jit
 def _tn_kernel(
     X, T, P,
     M, N, R, rows_per_split, M_KEY,
     sxm, sxn, stm, str_,
     scale, seed, p,
-    SPLIT: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """P[s, n, r] = scale · Σ_{m in split s} drop(X)[m,n] T[m,r]; the caller sums P over s."""
@@ -182,6 +185,54 @@ def _tn_kernel(
     tl.store(out, acc * scale, mask=n_ok[:, None] & r_ok[None, :])
 
 
+_DY_CONFIGS = configs(
+    [
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 256, "BLOCK_M": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 128}, num_warps=4, num_stages=3),
+    ],
+    triton.Config({"BLOCK_N": 32, "BLOCK_M": 16}, num_warps=4, num_stages=1),
+)
+
+
+# reset_to_zero: DT accumulates with atomics, so every autotuning run must start from zeros.
+@triton.autotune(configs=_DY_CONFIGS, key=["N", "R", "M_KEY"], reset_to_zero=["DT"])
+@triton.jit
+def _dy_kernel(
+    DY, U, T, DT, P,
+    M, N, R, rows_per_split, M_KEY,
+    sdm, sdn, sun, sur, stm, str_,
+    scale,
+    PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One read of dy for both of its LoRA reductions:
+    DT[m, r] += scale · Σ_{n in this block} DY[m,n] U[n,r]   (atomics across the column blocks; DT zeroed first)
+    P[s, n, r] = scale · Σ_{m in split s} DY[m,n] T[m,r]    (the caller sums P over s)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+    u = tl.load(U + offs_n[:, None] * sun + offs_r[None, :] * sur, mask=n_ok[:, None] & r_ok[None, :],
+                other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    m_lo = pid_s * rows_per_split
+    m_hi = tl.minimum(m_lo + rows_per_split, M)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_hi
+        dy = tl.load(DY + offs_m.to(tl.int64)[:, None] * sdm + offs_n[None, :] * sdn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        t = tl.load(T + offs_m[:, None] * stm + offs_r[None, :] * str_, mask=m_ok[:, None] & r_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(dy), t, acc, input_precision=PREC)
+        dt = tl.dot(dy, u, input_precision=PREC) * scale
+        tl.atomic_add(DT + offs_m[:, None] * R + offs_r[None, :], dt, mask=m_ok[:, None] & r_ok[None, :])
+    tl.store(P + pid_s * N * R + offs_n[:, None] * R + offs_r[None, :], acc * scale,
+             mask=n_ok[:, None] & r_ok[None, :])
+
+
 _EPI_CONFIGS = configs(
     [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
@@ -193,17 +244,18 @@ _EPI_CONFIGS = configs(
 
 
 # restore_value: the kernel adds into OUT, so autotuning must not run it twice on the same buffer.
-@triton.autotune(configs=_EPI_CONFIGS, key=["N", "R", "M_KEY"], restore_value=["OUT"])
+@triton.autotune(configs=_EPI_CONFIGS, key=["N", "R", "M_KEY", "HAS_DROPOUT", "ACCUMULATE"], restore_value=["OUT"])
 @triton.jit
 def _lora_epilogue_kernel(
     OUT, T, U, BIAS,
     M, N, R, M_KEY,
     som, son, stm, str_, sun, sur,
     scaling, seed, p,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """OUT[m, n] += s · (Σ_r T[m,r] U[n,r]) ⊙ keep(m, n) + BIAS[n], in place on a GEMM's output."""
+    """OUT[m, n] (+)= s · (Σ_r T[m,r] U[n,r]) ⊙ keep(m, n) + BIAS[n]: added onto a GEMM's output, or written
+    (ACCUMULATE=False) for a GEMM to add onto with beta=1, so the output is not read back by a separate pass."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -220,8 +272,9 @@ def _lora_epilogue_kernel(
         lora += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     ptrs = OUT + offs_m.to(tl.int64)[:, None] * som + offs_n[None, :] * son
     mask = m_ok[:, None] & n_ok[None, :]
-    out = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + lora
-    tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=mask)
+    if ACCUMULATE:
+        lora += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, lora.to(OUT.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- launchers
@@ -274,8 +327,8 @@ def gemm_lora(x2d, w, w_nk_strides, t, u, u_nr_strides, bias, out_dtype, N, scal
     return out
 
 
-def lora_epilogue_(out, t, u, u_nr_strides, bias, scaling, p, seed):
-    """In place: out (M, N) += scaling · (t · Uᵀ) ⊙ keep + bias."""
+def lora_epilogue_(out, t, u, u_nr_strides, bias, scaling, p, seed, accumulate=True):
+    """In place: out (M, N) += scaling · (t · Uᵀ) ⊙ keep + bias (or = when not `accumulate`)."""
     M, N = out.shape
     r = t.shape[1]
     if M == 0 or N == 0:
@@ -286,7 +339,8 @@ def lora_epilogue_(out, t, u, u_nr_strides, bias, scaling, p, seed):
         M, N, r, m_key(M),
         out.stride(0), out.stride(1), t.stride(0), t.stride(1), u_nr_strides[0], u_nr_strides[1],
         scaling, _seed_int(seed), p,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, PREC=dot_precision(torch.float32), BLOCK_R=block_r(r),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, PREC=dot_precision(torch.float32), ACCUMULATE=accumulate,
+        BLOCK_R=block_r(r),
     )
     return out
 
@@ -309,7 +363,7 @@ def gemm_mode(device) -> str:
 def _num_splits(M: int, N: int, device) -> int:
     if INTERPRET or device.type != "cuda":
         return 1 if M < 64 else 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
     n_blocks = triton.cdiv(N, 128)
     return max(1, min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(M, 256), 64))
 
@@ -328,9 +382,29 @@ def tn(x2d, t, scale, p, seed, prec):
         x2d, t, part, M, N, r, rows, m_key(M),
         x2d.stride(0), x2d.stride(1), t.stride(0), t.stride(1),
         scale, _seed_int(seed), p,
-        SPLIT=split, HAS_DROPOUT=p > 0.0, PREC=prec, BLOCK_R=block_r(r),
+        HAS_DROPOUT=p > 0.0, PREC=prec, BLOCK_R=block_r(r),
     )
     return part[0] if split == 1 else part.sum(0)
+
+
+def dy_pass(dy, u, t, scale, prec):
+    """(dt (M, r), dB (N, r)) fp32 = scale · dy·U and scale · dyᵀ·t from one read of dy (M, N); U[n, r] is
+    lora_B. dt is summed with float atomics, so its last bits vary run to run: callers take the two-pass
+    path (shrink + tn) under torch.use_deterministic_algorithms."""
+    M, N = dy.shape
+    r = t.shape[1]
+    dt = torch.zeros((M, r), device=dy.device, dtype=torch.float32)
+    if M == 0:
+        return dt, torch.zeros((N, r), device=dy.device, dtype=torch.float32)
+    split = _num_splits(M, N, dy.device)
+    part = torch.empty((split, N, r), device=dy.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
+    _dy_kernel[grid](
+        dy, u, t, dt, part, M, N, r, triton.cdiv(M, split), m_key(M),
+        dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), t.stride(0), t.stride(1),
+        scale, PREC=prec, BLOCK_R=block_r(r),
+    )
+    return dt, (part[0] if split == 1 else part.sum(0))
 
 
 def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
@@ -340,7 +414,11 @@ def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
     inv_keep = 1.0 / (1.0 - p)
     t = shrink(x2d, lora_A.stride(), lora_A, r, inv_keep, p, seed, prec)
     if gemm_mode(x2d.device) == "cublas":
-        y = lora_epilogue_(x2d @ weight.t(), t, lora_B, lora_B.stride(), bias, scaling, 0.0, None)
+        # The LoRA term (+ bias) is written first and cuBLAS adds x Wᵀ onto it in its epilogue (beta=1): no
+        # separate pass reads y back.
+        y = torch.empty((x2d.shape[0], weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
+        lora_epilogue_(y, t, lora_B, lora_B.stride(), bias, scaling, 0.0, None, accumulate=False)
+        y = y.addmm_(x2d, weight.t()) if y.numel() else y
     else:
         y = gemm_lora(x2d, weight, weight.stride(), t, lora_B, lora_B.stride(), bias, x2d.dtype,
                       weight.shape[0], scaling, 0.0, None)
@@ -352,12 +430,18 @@ def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_d
     prec = dot_precision(torch.float32)  # the skinny dots upcast their operands to fp32
     r = lora_A.shape[0]
     inv_keep = 1.0 / (1.0 - p)
-    # dt = s · dy B: B is (out, r), read as A[r, k] = B[k, r].
-    dt = shrink(dy, (lora_B.stride(1), lora_B.stride(0)), lora_B, r, scaling, 0.0, None, prec)
+    d_b = None
+    if need_ab and not torch.are_deterministic_algorithms_enabled():
+        dt, d_b = dy_pass(dy, lora_B, t, scaling, prec)  # one read of dy for dt and dB
+    else:  # dt = s · dy B: B is (out, r), read as A[r, k] = B[k, r]
+        dt = shrink(dy, (lora_B.stride(1), lora_B.stride(0)), lora_B, r, scaling, 0.0, None, prec)
     dx = None
     a_nr = (lora_A.stride(1), lora_A.stride(0))  # U[n=in, r] = A[r, n]
     if need_dx and gemm_mode(dy.device) == "cublas":
-        dx = lora_epilogue_(dy @ weight, dt, lora_A, a_nr, None, inv_keep, p, seed)
+        # The masked LoRA term is written first; cuBLAS adds dy W onto it (beta=1).
+        dx = torch.empty(x2d.shape, device=dy.device, dtype=x2d.dtype)
+        lora_epilogue_(dx, dt, lora_A, a_nr, None, inv_keep, p, seed, accumulate=False)
+        dx = dx.addmm_(dy, weight) if dx.numel() else dx
     elif need_dx:
         # dx = dy W + (dt A) ⊙ keep/(1-p): W[n=in, k=out] = weight[k, n].
         dx = gemm_lora(dy, weight, (weight.stride(1), weight.stride(0)), dt, lora_A, a_nr, None, x2d.dtype,
@@ -365,8 +449,9 @@ def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_d
     if not need_ab:
         return dx, None, None
     d_a = tn(x2d, dt, inv_keep, p, seed, prec).t().to(lora_A.dtype).contiguous()
-    d_b = tn(dy, t, scaling, 0.0, None, prec).to(lora_B.dtype)
-    return dx, d_a, d_b
+    if d_b is None:
+        d_b = tn(dy, t, scaling, 0.0, None, prec)
+    return dx, d_a, d_b.to(lora_B.dtype)
 
 
 @triton.jit
