@@ -95,3 +95,21 @@ def test_launches_per_layer(mode, deterministic, fwd, bwd, monkeypatch):
         assert sorted(seen) == sorted(bwd)
     finally:
         torch.use_deterministic_algorithms(old)
+
+
+def test_autotune_keys_separate_decode_from_training_and_dropout():
+    """Tiles tuned at one row count (or with dropout off) must not serve another; and no key may hold a value
+    that changes with M itself (a recompile per distinct M)."""
+    import peftkern.triton.adapter as adapter
+    import peftkern.triton.ia3 as ia3
+
+    tuned = {"lora": [tri._gemm_lora_kernel, tri._shrink_kernel, tri._tn_kernel, tri._lora_epilogue_kernel,
+                      tri._dy_kernel],
+             "ia3": [ia3._ia3_gemm_kernel],
+             "adapter": [adapter._fwd_kernel, adapter._bwd_dz_kernel, adapter._bwd_cols_kernel]}
+    for op, kernels in tuned.items():
+        for k in kernels:
+            assert "M_KEY" in k.keys, (op, k.fn.__name__)
+            assert not {"M", "SPLIT", "rows_per_split"} & set(k.keys), (op, k.fn.__name__)
+            if op == "lora" and "HAS_DROPOUT" in k.fn.arg_names:
+                assert "HAS_DROPOUT" in k.keys, k.fn.__name__

@@ -35,6 +35,11 @@ def upcast_dots(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
+def m_key(M: int) -> int:
+    """Autotune key for the row count: tiles tuned on a decode step (M=1) must not serve training."""
+    return min(triton.next_power_of_2(max(M, 1)), 8192)
+
+
 @functools.cache
 def sm_count(device_index: int) -> int:
     """Streaming multiprocessors of a CUDA device (get_device_properties costs microseconds per call)."""

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TL_DTYPE, configs, dot_precision, upcast_dots
+from ._common import INTERPRET, TL_DTYPE, configs, dot_precision, m_key, sm_count, upcast_dots
 
 ACT_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 MAX_BLOCK_R = 128  # largest r held in one register tile; larger r is blocked
@@ -75,11 +75,11 @@ _COL_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_ROW_CONFIGS, key=["D", "R", "HAS_RES"])
+@triton.autotune(configs=_ROW_CONFIGS, key=["D", "R", "M_KEY", "HAS_RES"])
 @triton.jit
 def _fwd_kernel(
     X, RES, WD, BD_, WU, BU, Y, Z,
-    M, D, R,
+    M, D, R, M_KEY,
     sxm, sxd, srm, srd, swd_r, swd_d, swu_d, swu_r, sym, syd, szm, szr,
     scaling,
     ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr,
@@ -137,11 +137,11 @@ def _fwd_kernel(
         tl.store(Y + offs_m[:, None] * sym + dd[None, :] * syd, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_ROW_CONFIGS, key=["D", "R"])
+@triton.autotune(configs=_ROW_CONFIGS, key=["D", "R", "M_KEY"])
 @triton.jit
 def _bwd_dz_kernel(
     DY, Z, WU, DZ,
-    M, D, R,
+    M, D, R, M_KEY,
     sdym, sdyd, szm, szr, swu_d, swu_r,
     scaling,
     ACT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr, NUM_RB: tl.constexpr,
@@ -170,14 +170,14 @@ def _bwd_dz_kernel(
         tl.store(DZ + offs_m[:, None] * R + offs_r[None, :], dz, mask=zmask)
 
 
-@triton.autotune(configs=_COL_CONFIGS, key=["D", "R", "SPLIT", "NEED_DX", "NEED_W"])
+@triton.autotune(configs=_COL_CONFIGS, key=["D", "R", "M_KEY", "NEED_DX", "NEED_W"])
 @triton.jit
 def _bwd_cols_kernel(
     DY, X, Z, DZ, WD, DX, PU, PD, PB,
-    M, D, R, rows_per_split,
+    M, D, R, rows_per_split, M_KEY,
     sdym, sdyd, sxm, sxd, szm, szr, swd_r, swd_d, sdxm, sdxd,
     scaling,
-    ACT: tl.constexpr, ADD_DY: tl.constexpr, NEED_DX: tl.constexpr, NEED_W: tl.constexpr, SPLIT: tl.constexpr,
+    ACT: tl.constexpr, ADD_DY: tl.constexpr, NEED_DX: tl.constexpr, NEED_W: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr, NUM_RB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -265,7 +265,7 @@ def bottleneck_adapter_fwd(x2d, down_weight, down_bias, up_weight, up_bias, res2
     _fwd_kernel[grid](
         x2d, res, down_weight, down_bias if down_bias is not None else down_weight, up_weight,
         up_bias if up_bias is not None else up_weight, y, z,
-        M, D, R,
+        M, D, R, m_key(M),
         x2d.stride(0), x2d.stride(1), res.stride(0), res.stride(1), down_weight.stride(0), down_weight.stride(1),
         up_weight.stride(0), up_weight.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1),
         float(scaling),
@@ -278,7 +278,7 @@ def bottleneck_adapter_fwd(x2d, down_weight, down_bias, up_weight, up_bias, res2
 def _num_splits(M: int, D: int, nrb: int, device) -> int:
     if INTERPRET or device.type != "cuda":
         return 1 if M < 64 else 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
     d_blocks = triton.cdiv(D, 64) * nrb
     return max(1, min(triton.cdiv(2 * sms, d_blocks), triton.cdiv(M, 256), 64))
 
@@ -301,7 +301,7 @@ def bottleneck_adapter_bwd(dy2d, x2d, z, down_weight, up_weight, activation, sca
     dz = torch.empty((M, R), device=x2d.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     _bwd_dz_kernel[grid](
-        dy2d, z, up_weight, dz, M, D, R,
+        dy2d, z, up_weight, dz, M, D, R, m_key(M),
         dy2d.stride(0), dy2d.stride(1), z.stride(0), z.stride(1), up_weight.stride(0), up_weight.stride(1),
         float(scaling), ACT=ACT_IDS[activation], BLOCK_R=br, NUM_RB=nrb, **dots,
     )
@@ -317,11 +317,11 @@ def bottleneck_adapter_bwd(dy2d, x2d, z, down_weight, up_weight, activation, sca
     grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), nrb if need_params else 1, split)
     _bwd_cols_kernel[grid](
         dy2d, x2d, z, dz, down_weight, out, pu, pd, pb,
-        M, D, R, rows,
+        M, D, R, rows, m_key(M),
         dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), z.stride(0), z.stride(1),
         down_weight.stride(0), down_weight.stride(1), out.stride(0), out.stride(1),
         float(scaling),
-        ACT=ACT_IDS[activation], ADD_DY=not has_residual, NEED_DX=need_dx, NEED_W=need_params, SPLIT=split,
+        ACT=ACT_IDS[activation], ADD_DY=not has_residual, NEED_DX=need_dx, NEED_W=need_params,
         BLOCK_R=br, NUM_RB=nrb, **dots,
     )
     if not need_params:

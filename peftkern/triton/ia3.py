@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import GEMM_CONFIGS, dot_precision, grouped_pid, upcast_dots
+from ._common import GEMM_CONFIGS, dot_precision, grouped_pid, m_key, upcast_dots
 
 PART_M = 16  # rows of M per partial-sum row (the smallest BLOCK_M of every config)
 
@@ -34,12 +34,12 @@ def _colsum_parts(prod, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PART_ROWS:
     return tl.sum(tl.reshape(prod, (BLOCK_M // PART_ROWS, PART_ROWS, BLOCK_N)), axis=1)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "SCALE_A", "REDUCE_C"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "M_KEY", "SCALE_A", "REDUCE_C"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _ia3_gemm_kernel(
     A, B, L, BIAS, E, OUT, PART,
-    M, N, K,
+    M, N, K, M_KEY,
     sam, sak, sbk, sbn, sem, sen, som, son,
     SCALE_A: tl.constexpr, SCALE_C: tl.constexpr, HAS_BIAS: tl.constexpr,
     REDUCE_C: tl.constexpr, STORE_C: tl.constexpr,
@@ -141,7 +141,7 @@ def gemm(a, b_kn_strides, b, N, *, l=None, scale_a=False, scale_c=False, bias=No
     _ia3_gemm_kernel[grid](
         a, b, l if l is not None else dummy, bias if bias is not None else dummy, ee, o,
         part if part is not None else dummy,
-        M, N, K,
+        M, N, K, m_key(M),
         a.stride(0), a.stride(1), b_kn_strides[0], b_kn_strides[1], ee.stride(0), ee.stride(1),
         o.stride(0), o.stride(1),
         SCALE_A=scale_a, SCALE_C=scale_c, HAS_BIAS=bias is not None,

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import GEMM_CONFIGS, INTERPRET, block_r, configs, dot_precision, grouped_pid, sm_count, upcast_dots
+from ._common import GEMM_CONFIGS, INTERPRET, block_r, configs, dot_precision, grouped_pid, m_key, sm_count, upcast_dots
 
 
 @triton.jit
@@ -278,11 +278,6 @@ def _lora_epilogue_kernel(
 
 
 # ---------------------------------------------------------------- launchers
-
-
-def m_key(M: int) -> int:
-    """Autotune key for the row count: tiles tuned on a decode step (M=1) must not serve training."""
-    return min(triton.next_power_of_2(max(M, 1)), 8192)
 
 
 def _seed_int(seed) -> int:
