@@ -244,9 +244,11 @@ def cache_kwarg(cls) -> str:
 
 
 def _pop_cache(kwargs: dict):
-    """Remove the cache from kwargs under either name and return it (transformers' precedence: `cache`)."""
-    found = [kwargs.pop(k) for k in CACHE_NAMES if k in kwargs]
-    return next((c for c in found if c is not None), None)
+    """Remove the cache from kwargs under either name and return it: the one peft's get_prompt made where
+    both are given (generate() on transformers 5.24 passes its own fresh `cache` beside peft's prefix
+    `past_key_values`, and transformers would take the fresh one), else transformers' precedence, `cache`."""
+    found = [c for c in (kwargs.pop(k) for k in CACHE_NAMES if k in kwargs) if c is not None]
+    return next((c for c in found if getattr(c, _LEN, None) is not None), found[0] if found else None)
 
 
 def _check_cache(module, args, kwargs):

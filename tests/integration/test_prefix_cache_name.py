@@ -127,3 +127,20 @@ def test_base_model_takes_the_prefix_cache_under_either_name(name, op_calls, no_
         torch.testing.assert_close(logits["cache"], logits["past_key_values"], atol=0, rtol=0)
         with pytest.raises(RuntimeError, match="without peft's prefix"):
             base(input_ids=ids, use_cache=True, **{name: transformers.DynamicCache()})
+
+
+def test_generate_keeps_the_prefix():
+    """generate() on transformers 5.24 passes its own fresh `cache` beside the prefix cache peft adds as
+    `past_key_values` (transformers takes the fresh one: peft's own generate loses the prefix there). The
+    accelerated model hands the prefix cache on, so its greedy generate equals greedy decoding by full
+    forwards (which always see the prefix), on every transformers version."""
+    ref, ours = _models()
+    ids = _ids(6)
+    with torch.no_grad():
+        want = ids
+        for _ in range(3):
+            logits = ref(input_ids=want, attention_mask=torch.ones_like(want)).logits[:, -1]
+            want = torch.cat([want, logits.argmax(-1, keepdim=True)], 1)
+        got = ours.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                            pad_token_id=0)
+    assert torch.equal(got, want)
