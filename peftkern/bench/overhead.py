@@ -2,8 +2,9 @@
 
 A training step calls ~100+ LoRA layers; when the host is slower than the GPU, kernels cannot help. Tensors
 here are tiny (compute is negligible), so the time is Python, dispatch, autograd and launches:
-  layer rows: an accelerated peft LoRA layer ("peftkern"), peft's own layer ("peft") and a bare nn.Linear
-    ("linear"), forward+backward ("full") and forward under no_grad ("fwd"), lora_dropout 0 and 0.1;
+  layer rows: an accelerated peft LoRA layer ("peftkern"), peft's own layer ("peft") and a bare frozen
+    nn.Linear ("linear", the floor), forward+backward ("full") and forward under no_grad ("fwd"), lora_dropout 0
+    and 0.1; per call, out of CHAIN calls in a row (each on the previous output) under one backward;
   step row: a tiny Llama (LoRA on every linear, dropout 0.05), forward + backward + AdamW step, peft vs
     the same model accelerated.
 CPU: wall time per call. CUDA: enqueue time, the calls queued behind a long `torch.cuda._sleep` so the
@@ -34,6 +35,9 @@ class Case:
 
 
 LAYER_CASES = [Case("layer-p0"), Case("layer-p0.1", p=0.1)]
+# A layer's time is measured as one of CHAIN calls in a row under one backward, as in a model (whose ~100+
+# LoRA layers share one backward call): one layer per backward would mostly time autograd's start-up.
+CHAIN = 8
 ROUNDS, QUICK_ROUNDS = 21, 7  # timed blocks per provider and mode
 
 
@@ -111,7 +115,7 @@ def _layer_rows(case: Case, device, dtype, rounds: int, progress) -> list[dict]:
     fused_model, fused = _peft_layer(case, device)
     fused.to(dtype)
     summary = accelerate(fused_model)
-    linear = nn.Linear(case.hidden, case.hidden).to(device, dtype)
+    linear = nn.Linear(case.hidden, case.hidden).to(device, dtype).requires_grad_(False)  # the frozen base alone
     x = torch.randn(case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
     layers = {"linear": linear, "peft": plain, "peftkern": fused}
     shape = dict(tokens=case.tokens, hidden=case.hidden, r=case.r, dropout=case.p, dtype=str(dtype).split(".")[-1])
@@ -119,18 +123,24 @@ def _layer_rows(case: Case, device, dtype, rounds: int, progress) -> list[dict]:
     rows["peftkern"]["fused_layers"] = f"{summary.fused_now}/{summary.lora_layers}"
     rows["peftkern"] |= _check_layer(fused, case, x)
 
+    def chain(layer):
+        y = x
+        for _ in range(CHAIN):
+            y = layer(y)
+        return y
+
     def full(layer):
-        return lambda: layer(x).sum().backward()
+        return lambda: chain(layer).sum().backward()
 
     def fwd(layer):
         def call():
             with torch.no_grad():
-                layer(x)
+                chain(layer)
         return call
 
     for mode, make in (("full", full), ("fwd", fwd)):
         for name, res in interleaved({n: make(layer) for n, layer in layers.items()}, device, rounds).items():
-            rows[name][mode] = res
+            rows[name][mode] = {k: v / CHAIN if k.endswith("_ms") else v for k, v in res.items()}
     return list(rows.values())
 
 
@@ -211,9 +221,16 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
     """`peftkern bench overhead`: the preset does not change the (deliberately tiny) shapes."""
     rounds = QUICK_ROUNDS if quick else ROUNDS
     rows = []
-    for case in LAYER_CASES:
-        rows += _layer_rows(case, device, dtype, rounds, progress)
-    rows += _step_rows(device, dtype, rounds, progress)
+    # One intra-op thread: host time is single-threaded anyway, and on a busy machine a parallel region waits
+    # for a descheduled worker thread for a whole time slice (steps then took 50x longer, for peft alike).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for case in LAYER_CASES:
+            rows += _layer_rows(case, device, dtype, rounds, progress)
+        rows += _step_rows(device, dtype, rounds, progress)
+    finally:
+        torch.set_num_threads(threads)
     for r in rows:  # the issue's target reads as a ratio of host times: peftkern / peft (lower is better)
         if r["provider"] == "peftkern" and "error" not in r:
             peft_row = next(p for p in rows if p["case"] == r["case"] and p["provider"] == "peft")

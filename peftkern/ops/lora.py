@@ -223,10 +223,19 @@ def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
     fwd, bwd = _backends(x.device, lora_A.shape[0])
     if not fwd:  # an explicit cuda request: the op decides per call (its decode kernel depends on M)
         return None
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
+                                        or lora_B.requires_grad or (bias is not None and bias.requires_grad))
+    if fwd == "torch" and bwd == "torch":
+        # The torch backend in as few host calls as possible: with no dropout, aten ops autograd differentiates
+        # in C++ (saving what the op saves, so fp32 only); with no backward to come, torch's own dropout (the
+        # mask needs no seed to be redrawn from, and torch.manual_seed still reproduces it).
+        if p == 0.0 and x.dtype == lora_A.dtype == torch.float32:
+            return ref.lora_linear_composed(x, weight, bias, lora_A, lora_B, scaling)
+        if not grad and p > 0.0:
+            return ref.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=p, dropout=True)
     seed_t = draw_seed(p)
     seed = int(seed_t) if seed_t is not None else 0
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
-                                    or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
+    if grad:
         return _LoraLinearEager.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, seed_t, fwd, bwd)
     y, _ = _fwd_impl(fwd)(_rows(x), weight, bias, lora_A, lora_B, scaling, p, seed)
     return y if x.dim() == 2 else own(y, (*x.shape[:-1], weight.shape[0]))

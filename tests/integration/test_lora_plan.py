@@ -171,3 +171,26 @@ def test_plan_survives_and_reflects_restore(x):
     _same(plain, ours, x)
     peftkern.accelerate(ours)
     _same(plain, ours, x)
+
+
+@pytest.mark.parametrize("lead", [(6,), (2, 3)])
+def test_composed_torch_path_saves_what_the_op_saves(lead):
+    """fp32 without dropout the torch backend is composed of aten ops (autograd's C++ backward): it must keep the
+    same bytes for backward as the op (x and t), and give the op's output and gradients."""
+    from peftkern._memory import saved_bytes
+
+    x = torch.randn(*lead, 16, requires_grad=True)
+    w, bias = torch.randn(8, 16), torch.randn(8)
+    a, b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    params = [w, bias, a, b]
+    with peftkern.use_backend("torch"):
+        eager = saved_bytes(lambda: lora_ops.lora_linear(x, w, bias, a, b, 0.5), params)
+        y = lora_ops.lora_linear(x, w, bias, a, b, 0.5)
+    assert "LoraLinearEager" not in type(y.grad_fn).__name__ and y._base is None
+    op = saved_bytes(lambda: torch.ops.peftkern.lora_linear(x, w, bias, a, b, 0.5, 0.0, None)[0], params)
+    assert eager == op > 0
+    y2, _ = torch.ops.peftkern.lora_linear(x, w, bias, a, b, 0.5, 0.0, None)
+    dy = torch.randn_like(y)
+    for g, r in zip(torch.autograd.grad(y, (x, a, b), dy), torch.autograd.grad(y2, (x, a, b), dy)):
+        torch.testing.assert_close(g, r)
+    torch.testing.assert_close(y, y2)
