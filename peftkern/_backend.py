@@ -171,14 +171,18 @@ def dispatch(op: str, device: torch.device, impls: dict[str, Callable[[], str | 
 _choices: dict[tuple, str] = {}
 
 
+def dispatch_mode() -> tuple[bool, bool]:
+    """(strict, interpreting): part of every cached_dispatch key (they change what dispatch may return)."""
+    return _env("PEFTKERN_STRICT", "0") == "1", _env("TRITON_INTERPRET", "0") == "1"
+
+
 def cached_dispatch(key: tuple, choose: Callable[[], str]) -> str:
-    """`choose()` (a `dispatch` call whose answer depends only on `key`) once per key. Strict mode and the
-    interpreter flag are part of the key: they change what dispatch may return or raise. Keys must not
-    cover the cuda backend where it depends on whether the extension is loaded yet."""
-    full = (key, strict(), interpreting())
-    name = _choices.get(full)
+    """`choose()` (a `dispatch` call whose answer depends only on `key`) once per key. The key must hold
+    `dispatch_mode()` and must not cover the cuda backend where its answer depends on whether the
+    extension is loaded yet."""
+    name = _choices.get(key)
     if name is None:
-        name = _choices[full] = choose()
+        name = _choices[key] = choose()
     return name
 
 

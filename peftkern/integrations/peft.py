@@ -172,10 +172,15 @@ def _state_key(layer) -> tuple:
     and devices, hooks) changes. The plan keeps the objects alive, so their ids cannot be reused."""
     mods = layer._modules
     base = mods["base_layer"]
-    active = tuple(_active(layer))
+    names = layer._active_adapter  # what layer.active_adapters reads, without its two property calls
+    adapters = mods["lora_A"]._modules
+    if isinstance(names, str):
+        active = (names,) if names in adapters else ()
+    else:
+        active = tuple(a for a in names if a in adapters)
     bp = base._parameters
     w, b = bp.get("weight"), bp.get("bias")
-    key = (layer.disable_adapters, len(layer.merged_adapters), active, id(base), type(base), _hooked(base),
+    key = (layer._disable_adapters, len(layer.merged_adapters), active, id(base), type(base), _hooked(base),
            len(layer.lora_variant), id(w), id(b), _dtype_device(w), _dtype_device(b))
     if not active:
         return key
@@ -229,8 +234,8 @@ def _state_why_not_call(layer) -> str | None:
     return _layer_why_not(layer, active) if active else ""
 
 
-def _input_why_not(plan: _Plan, layer, x, args, kwargs) -> str | None:
-    """Why this call (its arguments, input dtype and device, autocast) cannot take the fused path."""
+def _input_why_not(plan: _Plan, layer, x, args, kwargs, cdt) -> str | None:
+    """Why this call (its arguments, input dtype and device, autocast to `cdt`) cannot take the fused path."""
     if args:
         return "extra positional arguments to the LoRA layer"
     for k, v in kwargs.items():
@@ -242,9 +247,9 @@ def _input_why_not(plan: _Plan, layer, x, args, kwargs) -> str | None:
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS or x.dim() < 1:
         return "input is not a float tensor"
     a_w = plan.lora_a._parameters["weight"]
-    if x.device != w.device or a_w.device != w.device:
+    dev = w.device
+    if x.device != dev or a_w.device != dev:
         return "input, base weight and adapters are on different devices"
-    cdt = _backend.autocast_dtype(x.device.type)
     if cdt is not None:
         return None if cdt in _FLOATS else "autocast to an unsupported dtype"
     if x.dtype != w.dtype:
@@ -260,13 +265,15 @@ def _input_why_not(plan: _Plan, layer, x, args, kwargs) -> str | None:
 def _why_not(layer, x, args, kwargs) -> str | None:
     """None: take the fused path. "": peft's forward is only the base layer (adapters disabled / merged / none
     active here), nothing to fuse. Otherwise the reason the fused path cannot take this call."""
-    return _input_why_not(_plan(layer), layer, x, args, kwargs)
+    cdt = _backend.autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    return _input_why_not(_plan(layer), layer, x, args, kwargs, cdt)
 
 
 def _fused_forward(self, x, *args, **kwargs):
     """Replaces a peft `lora.Linear` instance's forward; see the module docstring for the semantics."""
     plan = _plan(self)
-    why = _input_why_not(plan, self, x, args, kwargs)
+    cdt = _backend.autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    why = _input_why_not(plan, self, x, args, kwargs, cdt)
     if why is not None:
         if why:
             _note_fallback(why)
@@ -281,7 +288,6 @@ def _fused_forward(self, x, *args, **kwargs):
     drop = plan.drop
     p = float(drop.p) if drop.training and type(drop) is nn.Dropout else 0.0
     lb = plan.lora_b._parameters.get("bias")  # lora_bias=True: s * b_B folds into the base bias of the fused GEMM
-    cdt = _backend.autocast_dtype(x.device.type)
     if cdt is not None:
         # Do what autocast does to peft's linears (cast every operand to the autocast dtype), then run the op
         # with autocast off so it does not recast the op's internals.

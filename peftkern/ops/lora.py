@@ -174,9 +174,10 @@ def _backends(device, r: int) -> tuple[str, str]:
     req = _backend.requested_backend()
     if req == "cuda":
         return "", "triton"  # the LoRA backward has no CUDA C++ kernel: the cuda backend runs Triton's
-    fwd = _backend.cached_dispatch(("lora_linear", device, req, r > 128), lambda: _backend.dispatch(
+    mode = _backend.dispatch_mode()
+    fwd = _backend.cached_dispatch(("lora_linear", device, req, r > 128, mode), lambda: _backend.dispatch(
         "lora_linear", device, _eager_fwd_backends(r, req), requested=req))
-    bwd = _backend.cached_dispatch(("lora_linear_backward", device, req, r > 128), lambda: _backend.dispatch(
+    bwd = _backend.cached_dispatch(("lora_linear_backward", device, req, r > 128, mode), lambda: _backend.dispatch(
         "lora_linear_backward", device, _bwd_backends(r), requested=req))
     return fwd, bwd
 
@@ -225,14 +226,11 @@ def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
         return None
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                         or lora_B.requires_grad or (bias is not None and bias.requires_grad))
-    if fwd == "torch" and bwd == "torch":
-        # The torch backend in as few host calls as possible: with no dropout, aten ops autograd differentiates
-        # in C++ (saving what the op saves, so fp32 only); with no backward to come, torch's own dropout (the
-        # mask needs no seed to be redrawn from, and torch.manual_seed still reproduces it).
-        if p == 0.0 and x.dtype == lora_A.dtype == torch.float32:
-            return ref.lora_linear_composed(x, weight, bias, lora_A, lora_B, scaling)
-        if not grad and p > 0.0:
-            return ref.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=p, dropout=True)
+    if fwd == "torch" and bwd == "torch" and p == 0.0 and x.dtype == lora_A.dtype == torch.float32:
+        # The torch backend in as few host calls as possible: aten ops autograd differentiates in C++, saving what
+        # the op saves (so fp32 only). With dropout the mask must come from the seed even under no_grad:
+        # reentrant checkpointing runs the forward without grad and recomputes it with grad.
+        return ref.lora_linear_composed(x, weight, bias, lora_A, lora_B, scaling)
     seed_t = draw_seed(p)
     seed = int(seed_t) if seed_t is not None else 0
     if grad:

@@ -36,12 +36,9 @@ def _keep(shape, device: torch.device, p: float, seed: int) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device).bernoulli_(1.0 - p, generator=g)
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, keep=None, dropout_p=0.0, dropout=False):
-    """y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ with an explicit keep-mask, torch's own dropout (`dropout`), or none."""
-    if dropout:
-        xd = F.dropout(x, dropout_p, training=True)
-    else:
-        xd = x if keep is None else x * keep.to(x.dtype) / (1.0 - dropout_p)
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, keep=None, dropout_p=0.0):
+    """y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ with an explicit keep-mask (or no dropout)."""
+    xd = x if keep is None else x * keep.to(x.dtype) / (1.0 - dropout_p)
     cdt = torch.promote_types(x.dtype, lora_A.dtype)
     lora = F.linear(F.linear(xd.to(cdt), lora_A.to(cdt)), lora_B.to(cdt)) * scaling
     return (F.linear(x, weight, bias) + lora).to(x.dtype)

@@ -194,3 +194,18 @@ def test_composed_torch_path_saves_what_the_op_saves(lead):
     for g, r in zip(torch.autograd.grad(y, (x, a, b), dy), torch.autograd.grad(y2, (x, a, b), dy)):
         torch.testing.assert_close(g, r)
     torch.testing.assert_close(y, y2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_grad_forward_draws_the_grad_forwards_mask(backend):
+    """Reentrant checkpointing runs the forward under no_grad and recomputes it with grad: both must use the
+    same dropout mask for the same RNG state."""
+    x = torch.randn(6, 16, requires_grad=True)
+    w, a, b = torch.randn(8, 16), torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    with peftkern.use_backend(backend):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            y0 = lora_ops.lora_linear(x, w, None, a, b, 0.5, 0.4)
+        torch.manual_seed(3)
+        y1 = lora_ops.lora_linear(x, w, None, a, b, 0.5, 0.4)
+    torch.testing.assert_close(y0, y1.detach())
