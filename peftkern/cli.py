@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import sys
 import time
@@ -32,14 +33,20 @@ def _bench(args) -> int:
 
     rows = []
 
-    def save_json():
+    def save_json(these=None):
         with open(args.json, "w") as f:
-            json.dump({"env": env, "preset": preset, "quick": args.quick, "rows": rows}, f, indent=1)
+            json.dump({"env": env, "preset": preset, "quick": args.quick, "rows": rows if these is None else these},
+                      f, indent=1)
 
     for op in args.ops:
         mod = importlib.import_module(f"peftkern.bench.{op}")
+        extra = {}
+        if args.json and "partial" in inspect.signature(mod.run).parameters:  # long ops save after each case
+            done = list(rows)
+            extra["partial"] = lambda part, done=done, mod=mod: save_json(
+                done + _table.speedups([dict(r) for r in part], mod.BASELINES))
         op_rows = mod.run(preset, dtype, device, args.quick, _timing.timeit, _timing.peak_bytes, progress,
-                          compile_baseline)
+                          compile_baseline, **extra)
         rows += _table.speedups(op_rows, mod.BASELINES)
         print(_table.table(op_rows, mod.BASELINES), flush=True)
         if args.json:

@@ -90,7 +90,10 @@ def _providers(device) -> dict[str, str | None]:
     return out
 
 
-def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, compile_baseline: bool):
+def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, compile_baseline: bool,
+        partial=None):
+    """`partial(rows)`, when given, receives the rows so far after each case (a run cut off by a time limit
+    keeps the cases it finished: each 1.1B case takes minutes)."""
     from ..integrations.peft import accelerate, restore
 
     cases = (QUICK.get(preset) if quick else None) or PRESETS[preset]
@@ -133,6 +136,8 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
         del model, params, init, ref
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if partial is not None:
+            partial(rows)
     return rows
 
 
