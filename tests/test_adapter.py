@@ -129,6 +129,7 @@ def test_empty_batch(backend, residual):
         assert torch.equal(p.grad, torch.zeros_like(p))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the cuda backend runs on a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("r, act, residual", [(64, "relu", False), (8, "gelu", True), (100, "silu", False),

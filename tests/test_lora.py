@@ -190,6 +190,7 @@ def test_frozen_adapters_skip_their_reductions(backend, p, monkeypatch):
     assert "tn" not in calls and a.grad is None and bb.grad is None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the cuda backend runs on a GPU")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("adapter_fp32", [False, True])

@@ -156,6 +156,7 @@ def test_backward_runs_on_the_forwards_backend(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the cuda backend runs on a GPU")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [64, 24])

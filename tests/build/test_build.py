@@ -117,6 +117,31 @@ def test_meta_kernel(built):
         torch.ops.peftkern_cuda.lora_decode(x, w, bias, a.half(), b.half(), 0.5)
 
 
+def _meta_args(op):
+    e = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, device="meta", dtype=dtype)
+    if op == "lora_decode":
+        args = (e(3, 40), e(24, 40), e(24), e(8, 40, dtype=torch.float32), e(24, 8, dtype=torch.float32), 0.5)
+        return args, [((3, 24), torch.bfloat16), ((3, 8), torch.float32)]
+    h = torch.float16
+    args = (e(5, 96, dtype=h), e(16, 96, dtype=h), e(16, dtype=h), e(96, 16, dtype=h), e(96, dtype=h),
+            e(5, 96, dtype=h), "gelu", 0.5)
+    return args, [((5, 96), h), ((5, 16), h)]
+
+
+@pytest.mark.parametrize("op", ["lora_decode", "bottleneck_adapter"])
+def test_meta_kernels_opcheck(built, op):
+    """The C++ Meta kernels (what torch.compile traces these ops with) pass opcheck on meta tensors, dynamic
+    shapes included, with no GPU. The ia3 and prefix C++ ops have no Meta kernel: they are called only inside
+    peftkern's Python ops, whose fake kernels stand for them."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"peftkern_cuda::{op}", "Meta")
+    overload = getattr(torch.ops.peftkern_cuda, op).default
+    args, want = _meta_args(op)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    assert torch.library.opcheck(overload, args, test_utils=checks) == dict.fromkeys(checks, "SUCCESS")
+    outs = overload(*args)
+    assert [(tuple(o.shape), o.dtype, o.device.type) for o in outs] == [(s, d, "meta") for s, d in want]
+
+
 def test_cuda_kernel_argument_checks(built):
     """The CUDA kernel's checks run before it touches a device: call it on CPU tensors through the
     dispatcher's CUDA key (no GPU needed) and expect errors naming the argument."""
@@ -212,7 +237,13 @@ def test_cuda_home_through_wrapper_script(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # GPU: numerics against fp64
 
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+_needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def gpu(test):
+    """A GPU-only test: marked `gpu` (conftest deselects it on a machine without CUDA) and skipped there
+    when selected anyway (`-m gpu`)."""
+    return pytest.mark.gpu(_needs_cuda(test))
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -279,14 +310,28 @@ def _check(M, K, N, r, dtype, adapter_dtype, with_bias, s=0.5, misalign=False):
     assert errt <= 2 * errt_t + 1e-5 * tscale, (errt, errt_t)
 
 
+_DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (x dtype, adapter): the kernel's (T, TA) instantiations; for fp32 x "same" is "fp32" again.
+_KINDS = [(d, a) for d in DTYPES for a in ("fp32", "same") if not (d == torch.float32 and a == "same")]
+
+
+def _decode_cases():
+    """The cases of the decode kernel that differ, not their cross product: every (x dtype, adapter dtype)
+    x M bucket edge (1; 5, a partly zero 8-row bucket; 16) x bias, at in=100 (a scalar tail after the
+    16-byte vectors of a half x), out=72, r=8; then every in x out x r edge at bf16 x with fp32 adapters
+    (peft's usual case), M=5, with bias. test_lora_decode_awkward_shapes adds the odd shapes per dtype."""
+    kinds = [(M, 100, 72, 8, d, a, b) for d, a in _KINDS for M in (1, 5, 16) for b in (True, False)]
+    shapes = [(5, K, N, r, torch.bfloat16, "fp32", True)
+              for K in (100, 4096) for N in (72, 4096) for r in (1, 8, 16, 64)]
+    params = []
+    for M, K, N, r, dtype, adapter, bias in dict.fromkeys(kinds + shapes):
+        case_id = f"M{M}-K{K}-N{N}-r{r}-{_DTYPE_IDS[dtype]}-{adapter}-{'bias' if bias else 'nobias'}"
+        params.append(pytest.param(M, K, N, r, dtype, adapter, bias, id=case_id))
+    return params
+
+
 @gpu
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("adapter", ["fp32", "same"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("r", [1, 8, 16, 64])
-@pytest.mark.parametrize("N", [72, 4096])
-@pytest.mark.parametrize("K", [100, 4096])
-@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize(("M", "K", "N", "r", "dtype", "adapter", "with_bias"), _decode_cases())
 def test_lora_decode_matches_fp64(built, M, K, N, r, dtype, adapter, with_bias):
     adapter_dtype = torch.float32 if adapter == "fp32" else dtype
     _check(M, K, N, r, dtype, adapter_dtype, with_bias)
