@@ -16,7 +16,7 @@ from triton.compiler import ASTSource
 from peftkern.triton import lora as tri
 
 PTRS = {"X": "*bf16", "W": "*bf16", "T": "*fp32", "U": "*fp32", "BIAS": "*bf16", "OUT": "*bf16", "A": "*fp32",
-        "P": "*fp32", "scaling": "fp32", "scale": "fp32", "p": "fp32"}
+        "P": "*fp32", "DY": "*bf16", "DT": "*fp32", "scaling": "fp32", "scale": "fp32", "p": "fp32"}
 
 def compile_(kernel, const, arch, warps=4, stages=3):
     f = kernel
@@ -34,10 +34,13 @@ for arch in (90, 80):
                                              "PREC_LORA": "ieee", "UPCAST": False, "BLOCK_R": 16, "EVEN_K": True,
                                              "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, arch, 8, 4)
         assert arch != 90 or "wgmma" in g.asm["ptx"], "the Hopper main loop is off the tensor-core path"
-        compile_(tri._tn_kernel, {"SPLIT": 4, "HAS_DROPOUT": drop, "PREC": "ieee", "BLOCK_R": 16, "BLOCK_N": 128,
+        compile_(tri._tn_kernel, {"HAS_DROPOUT": drop, "PREC": "ieee", "BLOCK_R": 16, "BLOCK_N": 128,
                                   "BLOCK_M": 64}, arch)
-        compile_(tri._lora_epilogue_kernel, {"HAS_BIAS": True, "HAS_DROPOUT": drop, "PREC": "ieee", "BLOCK_R": 16,
-                                             "BLOCK_M": 64, "BLOCK_N": 128}, arch)
+        for acc in (False, True):
+            compile_(tri._lora_epilogue_kernel, {"HAS_BIAS": True, "HAS_DROPOUT": drop, "PREC": "ieee",
+                                                 "ACCUMULATE": acc, "BLOCK_R": 16, "BLOCK_M": 64, "BLOCK_N": 128}, arch)
+    d = compile_(tri._dy_kernel, {"PREC": "ieee", "BLOCK_R": 16, "BLOCK_N": 128, "BLOCK_M": 64}, arch)
+    assert "red.global" in d.asm["ptx"] or "atom.global" in d.asm["ptx"], "dt must be summed with atomics"
 print("compiled")
 '''
 
