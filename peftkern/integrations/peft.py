@@ -219,6 +219,8 @@ _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _Pla
 
 
 def _plan(layer) -> _Plan:
+    if torch.compiler.is_compiling():  # dynamo's guards do this job (and torch 2.11's cannot trace id())
+        return _Plan(layer, None)
     key = _state_key(layer)
     plan = _plans.get(layer)
     if plan is None or plan.key != key:
