@@ -61,12 +61,11 @@ def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
         if p != 0.0:
             t.mul_(1.0 / (1.0 - p))
         return F.linear(x2d, weight, bias).addmm_(t, lora_B.t(), alpha=scaling), t
-    cdt = torch.promote_types(x2d.dtype, lora_A.dtype)
-    t = torch.mm(xd.to(cdt), lora_A.to(cdt).t()).float()
+    # A half base: the skinny LoRA products in fp32 (as the kernels compute them), one rounding at the end.
+    t = torch.mm(_f32(xd), _f32(lora_A).t())
     if p != 0.0:
         t.mul_(1.0 / (1.0 - p))
-    lora = torch.mm(t.to(cdt), lora_B.to(cdt).t()).mul_(scaling)
-    return (F.linear(x2d, weight, bias) + lora).to(x2d.dtype), t
+    return F.linear(x2d, weight, bias).float().addmm_(t, _f32(lora_B).t(), alpha=scaling).to(x2d.dtype), t
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
