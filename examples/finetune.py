@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import peftkern
-    from peftkern.integrations.peft import accelerate
+    from peftkern.integrations.accelerate import accelerate
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     with open(args.data, encoding="utf-8") as f:

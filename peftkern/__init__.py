@@ -6,8 +6,8 @@ call, the CUDA extension builds with `peftkern build` or on first use of the cud
 
 from . import nn, ops
 from ._backend import BACKENDS, BackendUnavailable, requested_backend, use_backend
+from .integrations.accelerate import accelerate, restore
 from .integrations.adapters import AdapterConfig, add_adapters, load_adapters, remove_adapters, save_adapters
-from .integrations.peft import accelerate, restore
 
 __version__ = "0.1.0"
 

@@ -94,7 +94,7 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
         partial=None):
     """`partial(rows)`, when given, receives the rows so far after each case (a run cut off by a time limit
     keeps the cases it finished: each 1.1B case takes minutes)."""
-    from ..integrations.peft import accelerate, restore
+    from ..integrations.accelerate import accelerate, restore
 
     cases = (QUICK.get(preset) if quick else None) or PRESETS[preset]
     rows = []

@@ -16,7 +16,8 @@ from torch import nn
 
 from .. import _backend
 from ..ops import ia3 as _ia3_ops
-from . import _swap
+from . import _swap, checks
+from .checks import base_kind, base_why_not, note_fallback, plain_weight
 
 _FUSED = "FusedIA3Linear"  # the class accelerated peft ia3.Linear instances get (integrations/_swap.py)
 
@@ -30,9 +31,7 @@ def layers(model: nn.Module):
 def patchable(mod) -> str | None:
     from peft.tuners.ia3 import Linear
 
-    from .peft import _patchable
-
-    return _patchable(mod, Linear, "IA3")
+    return checks.patchable(mod, Linear, "IA3")
 
 
 def _active(layer) -> list[str]:
@@ -42,8 +41,6 @@ def _active(layer) -> list[str]:
 def state_why_not(layer) -> str | None:
     """Input-independent reason the fused path cannot serve this layer now; "" when peft's forward is just
     the base layer (disabled, merged, nothing active)."""
-    from .peft import _base_why_not, _plain_weight
-
     if layer.disable_adapters or layer.merged:
         return ""
     active = _active(layer)
@@ -52,11 +49,11 @@ def state_why_not(layer) -> str | None:
     if len(active) > 1:
         return "several active IA3 adapters"
     base = layer.base_layer
-    why = _base_why_not(base)
+    why = base_why_not(base)
     if why is not None:
         return why
     ia3_l = layer.ia3_l[active[0]]
-    if not _plain_weight(ia3_l):
+    if not plain_weight(ia3_l):
         return "ia3_l is not a dense float tensor"
     if ia3_l.dtype not in (torch.float32, base.weight.dtype):
         return f"ia3_l is {ia3_l.dtype} on a {base.weight.dtype} base (the op takes float32 or the base's dtype)"
@@ -80,15 +77,13 @@ def _why_not(layer, x, args, kwargs) -> str | None:
 
 
 def _fused_forward(self, x, *args, **kwargs):
-    from .peft import _base_kind, _note_fallback
-
     why = _why_not(self, x, args, kwargs)
     if why is not None:
         if why:
-            _note_fallback(why, "IA3")
+            note_fallback(why, "IA3")
         return _swap.base_class(self).forward(self, x, *args, **kwargs)
     base = self.base_layer
-    w = base.weight.t() if _base_kind(base) == "conv1d" else base.weight  # Conv1D stores (in, out)
+    w = base.weight.t() if base_kind(base) == "conv1d" else base.weight  # Conv1D stores (in, out)
     return _ia3_ops.ia3_linear(x, w, base.bias, self.ia3_l[_active(self)[0]], feedforward=bool(self.is_feedforward))
 
 

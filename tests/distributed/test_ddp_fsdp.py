@@ -64,7 +64,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import peftkern
-    from peftkern.integrations.peft import accelerate
+    from peftkern.integrations.accelerate import accelerate
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     os.environ["PEFTKERN_STRICT"] = "1"
@@ -126,7 +126,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     import peftkern
-    from peftkern.integrations.peft import accelerate
+    from peftkern.integrations.accelerate import accelerate
 
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")

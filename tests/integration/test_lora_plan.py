@@ -1,4 +1,4 @@
-"""The accelerated LoRA layer decides its fused path once per layer state (integrations/peft.py `_plan`), not
+"""The accelerated LoRA layer decides its fused path once per layer state (integrations/lora.py `_plan`), not
 per call: every state change after the first call must still give peft's result, or peft's forward."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from _util import DEVICE
 from torch import nn
 
 import peftkern
-from peftkern.integrations import peft as integration
+from peftkern.integrations import lora as integration
 from peftkern.ops import lora as lora_ops
 
 peft = pytest.importorskip("peft")

@@ -1,4 +1,4 @@
-"""peftkern.integrations.peft.accelerate on real (tiny) transformers + peft models: results equal peft's,
+"""peftkern.integrations.accelerate.accelerate on real (tiny) transformers + peft models: results equal peft's,
 peft's features keep working, and every call that cannot be fused says so."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from torch import nn
 
 import peftkern
 import peftkern.ops.lora as lora_ops
-from peftkern.integrations.peft import accelerate, is_accelerated, restore
+from peftkern.integrations.accelerate import accelerate, restore
+from peftkern.integrations.lora import is_accelerated
 
 peft = pytest.importorskip("peft")
 

@@ -1,0 +1,86 @@
+"""The entry point: `accelerate(model)` routes a peft model's LoRA (lora.py) and IA3 (ia3.py) layers and a
+prefix-tuning model's attention (prefix.py) through peftkern's fused ops, in place, and returns a `Summary`;
+`restore(model)` undoes it. Bottleneck adapters have their own entry points (adapters.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from torch import nn
+
+from . import ia3 as _ia3
+from . import lora as _lora
+from . import prefix as _prefix
+from .checks import log
+
+
+@dataclasses.dataclass
+class Summary:
+    """What `accelerate` did: `lora_layers` LoRA layers found, `patched` routed through peftkern (of which
+    `fused_now` take the fused path in the model's current state), and why the others keep peft's forward."""
+
+    lora_layers: int = 0
+    patched: int = 0
+    fused_now: int = 0
+    reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    ia3_layers: int = 0
+    ia3_fused_now: int = 0
+    prefix_layers: int = 0  # attention layers of a prefix-tuning model routed through prefix_attention
+
+    def __str__(self) -> str:
+        why = "; ".join(f"{r}: {n}" for r, n in self.reasons.most_common())
+        ia3 = f", {self.ia3_fused_now} of {self.ia3_layers} IA3 layers" if self.ia3_layers else ""
+        ia3 += f", {self.prefix_layers} prefix-tuning attention layers" if self.prefix_layers else ""
+        return (f"{self.fused_now} of {self.lora_layers} LoRA layers{ia3} run peftkern's fused ops"
+                + (f"; the others keep peft's forward ({why})" if why else ""))
+
+
+def accelerate(model: nn.Module) -> Summary:
+    """Route every peft `lora.Linear` layer of `model` (a `PeftModel` or any model with peft LoRA layers
+    injected) through peftkern's fused LoRA op, every peft `ia3.Linear` through `ia3_linear`, and the attention
+    of a prefix-tuning PeftModel through `prefix_attention` (see integrations/prefix.py), in place. Prompt
+    tuning and other prompt-learning methods keep peft's path (they only prepend embeddings).
+    Calling it again is harmless; layers added later (a new adapter on new target modules) need another call.
+    Logs one summary line on logger "peftkern"."""
+    summary = Summary()
+    for mod in _lora.layers(model):
+        summary.lora_layers += 1
+        why = _lora.patchable(mod)
+        if why is not None:
+            summary.reasons[why] += 1
+            continue
+        _lora.patch(mod)
+        summary.patched += 1
+        now = _lora.state_why_not(mod)
+        if now is None:
+            summary.fused_now += 1
+        else:
+            summary.reasons[now] += 1
+    for mod in _ia3.layers(model):
+        summary.ia3_layers += 1
+        why = _ia3.patchable(mod)
+        if why is None:
+            _ia3.patch(mod)
+            why = _ia3.state_why_not(mod)
+        if why is None:
+            summary.ia3_fused_now += 1
+        else:
+            summary.reasons[why or "IA3 adapter disabled, merged or inactive"] += 1
+    if _prefix.is_prefix_model(model):
+        why = _prefix.why_not(model)
+        if why is None:
+            summary.prefix_layers = _prefix.accelerate(model)
+        else:
+            summary.reasons[why] += 1
+    log.info("peftkern.accelerate(%s): %s", type(model).__name__, summary)
+    return summary
+
+
+def restore(model: nn.Module) -> int:
+    """Undo `accelerate`: every patched LoRA / IA3 layer (and a prefix-tuning model's attention) runs
+    peft's own forward again. Returns how many layers / models were restored."""
+    n = int(_prefix.restore(model))
+    n += sum(_lora.unpatch(mod) for mod in _lora.layers(model))
+    return n + sum(_ia3.unpatch(mod) for mod in _ia3.layers(model))

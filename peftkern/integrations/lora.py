@@ -1,0 +1,280 @@
+"""peft LoRA layers through `peftkern.ops.lora.lora_linear`: patched by `peftkern.accelerate`, undone by `restore`.
+
+Only instances are patched (class swap, see _swap.py); peft's parameters and state (adapters, scaling, dropout,
+active/merged/disabled flags) stay the single source of truth, so save/load, merge, set_adapter and several
+adapters keep working. Semantics follow peft 0.21's `lora.Linear.forward`:
+    result = base_layer(x); for each active adapter a: result += lora_B[a](lora_A[a](dropout[a](x))) * scaling[a]
+with x cast to the adapter dtype for the LoRA term and the result in the base output's dtype. The first active
+adapter runs fused with the base GEMM, further ones with peft's own expression. Dropout uses each adapter's
+`nn.Dropout.p` when training, from the op's seeded mask (same distribution as peft's, different draws).
+Each call re-checks the fast path (cached per layer state, `_plan`); a fallback runs peft's forward (checks.py).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from .. import _backend
+from ..ops import lora as _lora_ops
+from . import _swap, checks
+from .checks import FLOATS, base_kind, base_why_not, hooked, log_once, note_fallback, plain_forward, plain_weight
+
+_FUSED = "FusedLoraLinear"  # the class accelerated peft lora.Linear instances get (integrations/_swap.py)
+# Keyword arguments peft's forward pops and ignores for vanilla LoRA when they are None.
+_NONE_KWARGS = ("adapter_names", "alora_offsets")
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _layer_why_not(layer, active: list[str]) -> str | None:
+    """Why the fused path cannot serve this layer with these active adapters (input-independent), or None."""
+    why = base_why_not(layer.base_layer)
+    if why is not None:
+        return why
+    for a in active:
+        if a in layer.lora_variant:
+            return f"LoRA variant {type(layer.lora_variant[a]).__name__} (DoRA, aLoRA, ...)"
+    a = active[0]
+    lora_a, lora_b = layer.lora_A[a], layer.lora_B[a]
+    if not (isinstance(lora_a, nn.Linear) and plain_forward(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)
+            and plain_forward(lora_b, nn.Linear)):
+        return "lora_A/lora_B are not plain nn.Linear modules"
+    if lora_a.bias is not None or (lora_b.bias is not None) != bool(layer.lora_bias.get(a, False)):
+        return "unexpected bias on lora_A/lora_B"
+    if not (plain_weight(lora_a.weight) and plain_weight(lora_b.weight)):
+        return "adapter weights are not dense float tensors"
+    if lora_a.weight.dtype != lora_b.weight.dtype:
+        return "lora_A and lora_B have different dtypes"
+    if lora_b.bias is not None and lora_b.bias.dtype != lora_b.weight.dtype:
+        return "lora_B.bias dtype differs from lora_B.weight's"
+    r, in_f = lora_a.weight.shape
+    if r > min(in_f, lora_b.weight.shape[0]):
+        return f"rank {r} exceeds min(in, out)"
+    drop = layer.lora_dropout[a]
+    if type(drop) not in (nn.Dropout, nn.Identity) or (type(drop) is nn.Dropout and not 0.0 <= drop.p < 1.0):
+        return f"dropout module {type(drop).__name__} (only nn.Dropout with p < 1 or nn.Identity)"
+    s = layer.scaling[a]
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+        return f"scaling is a {type(s).__name__}, not a Python number"
+    return None
+
+
+def _active(layer) -> list[str]:
+    keys = layer._modules["lora_A"]._modules  # not layer.lora_A: nn.Module.__getattr__ is slow per call
+    return [a for a in layer.active_adapters if a in keys]
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+def _state_key(layer) -> tuple:
+    """Everything the input-independent checks read, as ids and plain values: cheap to build per call, and
+    different whenever the layer's state (adapters active/merged/disabled, modules, parameters, their dtypes
+    and devices, hooks) changes. The plan keeps the objects alive, so their ids cannot be reused."""
+    mods = layer._modules
+    base = mods["base_layer"]
+    names = layer._active_adapter  # what layer.active_adapters reads, without its two property calls
+    adapters = mods["lora_A"]._modules
+    if isinstance(names, str):
+        active = (names,) if names in adapters else ()
+    else:
+        active = tuple(a for a in names if a in adapters)
+    bp = base._parameters
+    w, b = bp.get("weight"), bp.get("bias")
+    key = (layer._disable_adapters, len(layer.merged_adapters), active, id(base), type(base), hooked(base),
+           len(layer.lora_variant), id(w), id(b), _dtype_device(w), _dtype_device(b))
+    if not active:
+        return key
+    a0 = active[0]
+    lora_a, lora_b = mods["lora_A"]._modules[a0], mods["lora_B"]._modules[a0]
+    ap, bp = lora_a._parameters, lora_b._parameters
+    aw, bw, bb = ap.get("weight"), bp.get("weight"), bp.get("bias")
+    return (*key, id(lora_a), type(lora_a), hooked(lora_a), id(lora_b), type(lora_b), hooked(lora_b),
+            len(ap), len(bp), id(aw), id(bw), id(bb), _dtype_device(aw), _dtype_device(bw), _dtype_device(bb),
+            id(mods["lora_dropout"]._modules[a0]))
+
+
+def _dtype_device(t):
+    return None if t is None else (t.dtype, t.device)
+
+
+class _Plan:
+    """A layer's fused-path decision and the objects the fused call reads, valid while its key holds."""
+
+    __slots__ = ("active", "base", "conv1d", "drop", "key", "lora_a", "lora_b", "why")
+
+    def __init__(self, layer, key):
+        self.key = key
+        self.why = _state_why_not_call(layer)
+        self.active = _active(layer)
+        if self.why is None:
+            a0 = self.active[0]
+            self.base = layer._modules["base_layer"]
+            self.conv1d = base_kind(self.base) == "conv1d"
+            self.lora_a, self.lora_b = layer.lora_A[a0], layer.lora_B[a0]
+            self.drop = layer.lora_dropout[a0]
+
+
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _Plan (not in the instance dict:
+# it must not travel with pickles and deepcopies)
+
+
+def _plan(layer) -> _Plan:
+    if torch.compiler.is_compiling():  # dynamo's guards do this job (and torch 2.11's cannot trace id())
+        return _Plan(layer, None)
+    key = _state_key(layer)
+    plan = _plans.get(layer)
+    if plan is None or plan.key != key:
+        plan = _plans[layer] = _Plan(layer, key)
+    return plan
+
+
+def _state_why_not_call(layer) -> str | None:
+    """state_why_not as the forward reads it: "" when peft's forward is only the base layer."""
+    if layer.disable_adapters or layer.merged:
+        return ""
+    active = _active(layer)
+    return _layer_why_not(layer, active) if active else ""
+
+
+def _input_why_not(plan: _Plan, layer, x, args, kwargs, cdt) -> str | None:
+    """Why this call (its arguments, input dtype and device, autocast to `cdt`) cannot take the fused path."""
+    if args:
+        return "extra positional arguments to the LoRA layer"
+    for k, v in kwargs.items():
+        if v is not None or k not in _NONE_KWARGS:
+            return "adapter_names (mixed-adapter batch)" if k == "adapter_names" else f"keyword argument {k!r}"
+    if plan.why is not None:
+        return plan.why
+    w = plan.base._parameters["weight"]
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOATS or x.dim() < 1:
+        return "input is not a float tensor"
+    a_w = plan.lora_a._parameters["weight"]
+    dev = w.device
+    if x.device != dev or a_w.device != dev:
+        return "input, base weight and adapters are on different devices"
+    if cdt is not None:
+        return None if cdt in FLOATS else "autocast to an unsupported dtype"
+    if x.dtype != w.dtype:
+        return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
+    if x.dtype != a_w.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+        return "input dtype casting disabled (peft.helpers.disable_input_dtype_casting)"
+    s = layer.scaling[plan.active[0]]
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+        return f"scaling is a {type(s).__name__}, not a Python number"
+    return None
+
+
+def _why_not(layer, x, args, kwargs) -> str | None:
+    """None: take the fused path. "": peft's forward is only the base layer (adapters disabled / merged / none
+    active here), nothing to fuse. Otherwise the reason the fused path cannot take this call."""
+    cdt = _backend.autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    return _input_why_not(_plan(layer), layer, x, args, kwargs, cdt)
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """Replaces a peft `lora.Linear` instance's forward; see the module docstring for the semantics."""
+    plan = _plan(self)
+    cdt = _backend.autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    why = _input_why_not(plan, self, x, args, kwargs, cdt)
+    if why is not None:
+        if why:
+            note_fallback(why, "LoRA")
+        return _swap.base_class(self).forward(self, x, *args, **kwargs)
+    active = plan.active
+    params = plan.base._parameters
+    w, b = params["weight"], params["bias"]
+    if plan.conv1d:
+        w = w.t()  # Conv1D stores (in, out): pass the (out, in) view; the op reads weights by strides
+    lora_a, lora_b = plan.lora_a._parameters["weight"], plan.lora_b._parameters["weight"]
+    s = float(self.scaling[active[0]])
+    drop = plan.drop
+    p = float(drop.p) if drop.training and type(drop) is nn.Dropout else 0.0
+    lb = plan.lora_b._parameters.get("bias")  # lora_bias=True: s * b_B folds into the base bias of the fused GEMM
+    if cdt is not None:
+        # Do what autocast does to peft's linears (cast every operand to the autocast dtype), then run the op
+        # with autocast off so it does not recast the op's internals.
+        x_c, w, lora_a, lora_b = x.to(cdt), w.to(cdt), lora_a.to(cdt), lora_b.to(cdt)
+        b = None if b is None else b.to(cdt)
+        if lb is not None:
+            lb = lb.to(cdt)
+        with torch.autocast(x.device.type, enabled=False):
+            y = _lora_ops.lora_linear(x_c, w, _fold_bias(b, lb, s, cdt), lora_a, lora_b, s, p)
+    else:
+        y = _lora_ops.lora_linear(x, w, _fold_bias(b, lb, s, w.dtype), lora_a, lora_b, s, p)
+    if len(active) > 1:
+        _note_extra_adapters()
+        result_dtype = y.dtype
+        for a in active[1:]:  # peft's own expression for the 2nd.. active adapters
+            x = self._cast_input_dtype(x, self.lora_A[a].weight.dtype)
+            y = y + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](x))) * self.scaling[a]
+        y = y.to(result_dtype)
+    return y
+
+
+def _fold_bias(b, lb, s, dtype):
+    if lb is None:
+        return b
+    extra = (lb * s).to(dtype)
+    return extra if b is None else b + extra
+
+
+def _note_extra_adapters() -> None:
+    log_once("several active adapters",
+             "peftkern: several active adapters: the first runs fused, the others with peft's expression")
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+
+def layers(model: nn.Module) -> list:
+    """The peft LoRA layers of `model` (any `LoraLayer`; only `lora.Linear` itself is patchable)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def patchable(mod) -> str | None:
+    """Why `mod` cannot be patched (see checks.patchable), or None."""
+    from peft.tuners.lora import Linear
+
+    return checks.patchable(mod, Linear, "LoRA")
+
+
+def patch(mod) -> None:
+    if not _swap.is_swapped(mod):
+        _swap.swap(mod, _FUSED)
+
+
+def unpatch(mod) -> bool:
+    return _swap.unswap(mod)
+
+
+def state_why_not(layer) -> str | None:
+    """Why a patched layer does not take the fused path in its current state (for the summary), or None."""
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "merged into the base weight"
+    active = _active(layer)
+    if not active:
+        return "no active adapter in this layer"
+    return _layer_why_not(layer, active)
+
+
+def is_accelerated(module: nn.Module) -> bool:
+    """True when `module` (a LoRA layer) has been patched by `accelerate`."""
+    return _swap.is_swapped(module, _FUSED)
+
+
+def _fused_lora_class():
+    from peft.tuners.lora import Linear
+
+    return Linear, {"forward": _fused_forward}
+
+
+_swap.register(_FUSED, _fused_lora_class)
