@@ -187,7 +187,7 @@ def test_no_grad_and_nd_input():
 def test_ranks_past_the_group_kernels_run_per_member(monkeypatch):
     from peftkern.triton import lora_group as tg
 
-    monkeypatch.setattr(tg, "group_shrink", lambda *a, **k: pytest.fail("a rank past MAX_RANK reached the group kernel"))
+    monkeypatch.setattr(tg, "group_shrink", lambda *a, **k: pytest.fail("a rank past MAX_RANK reached the kernel"))
     specs = [(96, 80, False, 0.0, None, 1.0), (96, 8, False, 0.0, None, 1.0)]
     x = torch.randn(5, 96, device=DEVICE)
     members = make_members(96, specs, torch.float32)

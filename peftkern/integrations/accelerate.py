@@ -12,6 +12,7 @@ from torch import nn
 
 from . import ia3 as _ia3
 from . import lora as _lora
+from . import lora_group as _lora_group
 from . import prefix as _prefix
 from .checks import log
 
@@ -28,22 +29,27 @@ class Summary:
     ia3_layers: int = 0
     ia3_fused_now: int = 0
     prefix_layers: int = 0  # attention layers of a prefix-tuning model routed through prefix_attention
+    group_candidates: int = 0  # sets of sibling LoRA layers with one in_features (lora_group.py)
 
     def __str__(self) -> str:
         why = "; ".join(f"{r}: {n}" for r, n in self.reasons.most_common())
         ia3 = f", {self.ia3_fused_now} of {self.ia3_layers} IA3 layers" if self.ia3_layers else ""
         ia3 += f", {self.prefix_layers} prefix-tuning attention layers" if self.prefix_layers else ""
-        return (f"{self.fused_now} of {self.lora_layers} LoRA layers{ia3} run peftkern's fused ops"
+        groups = (f"; {self.group_candidates} candidate projection groups (siblings that read one tensor group at "
+                  "the first forward: peftkern.projection_groups(model))" if self.group_candidates else "")
+        return (f"{self.fused_now} of {self.lora_layers} LoRA layers{ia3} run peftkern's fused ops{groups}"
                 + (f"; the others keep peft's forward ({why})" if why else ""))
 
 
-def accelerate(model: nn.Module) -> Summary:
+def accelerate(model: nn.Module, group_projections: bool = True) -> Summary:
     """Route every peft `lora.Linear` layer of `model` (a `PeftModel` or any model with peft LoRA layers
     injected) through peftkern's fused LoRA op, every peft `ia3.Linear` through `ia3_linear`, and the attention
     of a prefix-tuning PeftModel through `prefix_attention` (see integrations/prefix.py), in place. Prompt
     tuning and other prompt-learning methods keep peft's path (they only prepend embeddings).
     Calling it again is harmless; layers added later (a new adapter on new target modules) need another call.
-    Logs one summary line on logger "peftkern"."""
+    group_projections: sibling LoRA layers that read the same tensor (q/k/v, gate/up) run as one group
+    (integrations/lora_group.py); the results are the same either way. Logs one summary line on logger
+    "peftkern"."""
     summary = Summary()
     for mod in _lora.layers(model):
         summary.lora_layers += 1
@@ -58,6 +64,8 @@ def accelerate(model: nn.Module) -> Summary:
             summary.fused_now += 1
         else:
             summary.reasons[now] += 1
+    if group_projections:
+        summary.group_candidates = _lora_group.add_candidates(model)
     for mod in _ia3.layers(model):
         summary.ia3_layers += 1
         why = _ia3.patchable(mod)
@@ -82,5 +90,7 @@ def restore(model: nn.Module) -> int:
     """Undo `accelerate`: every patched LoRA / IA3 layer (and a prefix-tuning model's attention) runs
     peft's own forward again. Returns how many layers / models were restored."""
     n = int(_prefix.restore(model))
+    for mod in _lora.layers(model):
+        _lora_group.remove(mod)
     n += sum(_lora.unpatch(mod) for mod in _lora.layers(model))
     return n + sum(_ia3.unpatch(mod) for mod in _ia3.layers(model))

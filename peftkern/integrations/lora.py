@@ -119,6 +119,8 @@ class _Plan:
             self.drop = layer.lora_dropout[a0]
 
 
+# layer -> its projection group (candidates or formed; lora_group.py fills it, lora.py only reads it)
+groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _Plan (not in the instance dict:
 # it must not travel with pickles and deepcopies)
 
@@ -178,6 +180,11 @@ def _why_not(layer, x, args, kwargs) -> str | None:
 
 def _fused_forward(self, x, *args, **kwargs):
     """Replaces a peft `lora.Linear` instance's forward; see the module docstring for the semantics."""
+    group = None if torch.compiler.is_compiling() else groups.get(self)
+    if group is not None:
+        y = group.call(self, x, args, kwargs)  # its projection group's output for x (lora_group.py), or None
+        if y is not None:
+            return y
     plan = _plan(self)
     cdt = _backend.autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
     why = _input_why_not(plan, self, x, args, kwargs, cdt)
@@ -185,27 +192,13 @@ def _fused_forward(self, x, *args, **kwargs):
         if why:
             note_fallback(why, "LoRA")
         return _swap.base_class(self).forward(self, x, *args, **kwargs)
-    active = plan.active
-    params = plan.base._parameters
-    w, b = params["weight"], params["bias"]
-    if plan.conv1d:
-        w = w.t()  # Conv1D stores (in, out): pass the (out, in) view; the op reads weights by strides
-    lora_a, lora_b = plan.lora_a._parameters["weight"], plan.lora_b._parameters["weight"]
-    s = float(self.scaling[active[0]])
-    drop = plan.drop
-    p = float(drop.p) if drop.training and type(drop) is nn.Dropout else 0.0
-    lb = plan.lora_b._parameters.get("bias")  # lora_bias=True: s * b_B folds into the base bias of the fused GEMM
+    x_in, spec = _operands(plan, self, x, cdt)
     if cdt is not None:
-        # Do what autocast does to peft's linears (cast every operand to the autocast dtype), then run the op
-        # with autocast off so it does not recast the op's internals.
-        x_c, w, lora_a, lora_b = x.to(cdt), w.to(cdt), lora_a.to(cdt), lora_b.to(cdt)
-        b = None if b is None else b.to(cdt)
-        if lb is not None:
-            lb = lb.to(cdt)
-        with torch.autocast(x.device.type, enabled=False):
-            y = _lora_ops.lora_linear(x_c, w, _fold_bias(b, lb, s, cdt), lora_a, lora_b, s, p)
+        with torch.autocast(x.device.type, enabled=False):  # the operands are cast already: no recast inside
+            y = _lora_ops.lora_linear(x_in, *spec)
     else:
-        y = _lora_ops.lora_linear(x, w, _fold_bias(b, lb, s, w.dtype), lora_a, lora_b, s, p)
+        y = _lora_ops.lora_linear(x_in, *spec)
+    active = plan.active
     if len(active) > 1:
         _note_extra_adapters()
         result_dtype = y.dtype
@@ -214,6 +207,26 @@ def _fused_forward(self, x, *args, **kwargs):
             y = y + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](x))) * self.scaling[a]
         y = y.to(result_dtype)
     return y
+
+
+def _operands(plan: _Plan, layer, x, cdt):
+    """(x, (weight, bias, lora_A, lora_B, scaling, dropout_p)) as the fused op takes them for this layer's first
+    active adapter. Under autocast to `cdt`, every operand is cast as autocast casts peft's linears."""
+    params = plan.base._parameters
+    w, b = params["weight"], params["bias"]
+    if plan.conv1d:
+        w = w.t()  # Conv1D stores (in, out): pass the (out, in) view; the op reads weights by strides
+    lora_a, lora_b = plan.lora_a._parameters["weight"], plan.lora_b._parameters["weight"]
+    s = float(layer.scaling[plan.active[0]])
+    drop = plan.drop
+    p = float(drop.p) if drop.training and type(drop) is nn.Dropout else 0.0
+    lb = plan.lora_b._parameters.get("bias")  # lora_bias=True: s * b_B folds into the base bias of the fused GEMM
+    if cdt is None:
+        return x, (w, _fold_bias(b, lb, s, w.dtype), lora_a, lora_b, s, p)
+    x, w, lora_a, lora_b = x.to(cdt), w.to(cdt), lora_a.to(cdt), lora_b.to(cdt)
+    b = None if b is None else b.to(cdt)
+    lb = None if lb is None else lb.to(cdt)
+    return x, (w, _fold_bias(b, lb, s, cdt), lora_a, lora_b, s, p)
 
 
 def _fold_bias(b, lb, s, dtype):
