@@ -40,6 +40,11 @@ def _fwd_backends(x, down_weight):
     return {"torch": lambda: None, "triton": lambda: None, "cuda": cuda_ok}
 
 
+def _unit(t: Tensor | None) -> Tensor | None:
+    """A 1-D tensor the Triton kernels index with unit stride (a strided view would be read wrong)."""
+    return t if t is None or t.stride(0) == 1 else t.contiguous()
+
+
 def _bwd_backends():
     return {"torch": lambda: None, "triton": lambda: None}
 
@@ -49,6 +54,7 @@ def bottleneck_adapter_op(
     x: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor, up_bias: Tensor | None,
     residual: Tensor | None, activation: str, scaling: float,
 ) -> tuple[Tensor, Tensor]:
+    _validate.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling)
     d = x.shape[-1]
     x2d = x.reshape(-1, d)
     res2d = None if residual is None else residual.reshape(-1, d)
@@ -59,9 +65,9 @@ def bottleneck_adapter_op(
         y, z = torch.ops.peftkern_cuda.bottleneck_adapter(
             x2d.contiguous(), down_weight.contiguous(), c(down_bias), up_weight.contiguous(), c(up_bias), c(res2d),
             activation, scaling)
-    elif backend == "triton":
-        y, z = _triton().bottleneck_adapter_fwd(x2d, down_weight, down_bias, up_weight, up_bias, res2d, activation,
-                                                scaling, cdt)
+    elif backend == "triton":  # the kernel reads the biases with unit stride
+        y, z = _triton().bottleneck_adapter_fwd(x2d, down_weight, _unit(down_bias), up_weight, _unit(up_bias), res2d,
+                                                activation, scaling, cdt)
     else:
         y, z = ref.bottleneck_adapter_fwd(x2d, down_weight, down_bias, up_weight, up_bias, res2d, activation, scaling)
     return own(y, x.shape), z
@@ -69,6 +75,7 @@ def bottleneck_adapter_op(
 
 @bottleneck_adapter_op.register_fake
 def _(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling):
+    _validate.bottleneck_adapter_args(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling)
     m = x.shape[:-1].numel()
     cdt = ref.compute_dtype(x.dtype, down_weight.dtype)
     return x.new_empty(x.shape), x.new_empty((m, down_weight.shape[0]), dtype=cdt)
@@ -81,6 +88,7 @@ def bottleneck_adapter_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, d_down_w, d_down_b, d_up_w, d_up_b). dx includes dy when has_residual is False (x was
     the residual). A gradient not asked for (need_dx / need_params False) is an empty (0,) tensor."""
+    _validate.bottleneck_adapter_backward(dy, x, z, down_weight, up_weight, activation, scaling)
     d = x.shape[-1]
     x2d = x.reshape(-1, d)
     dy2d = dy.reshape(-1, d)
@@ -100,6 +108,8 @@ def bottleneck_adapter_backward_op(
 
 @bottleneck_adapter_backward_op.register_fake
 def _(dy, x, z, down_weight, up_weight, activation, scaling, has_residual, need_dx, need_params, backend):
+    _validate.bottleneck_adapter_backward_args(dy, x, z, down_weight, up_weight, activation, scaling)
+    _validate.backend_name(backend)
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     r, d = down_weight.shape
     if not need_params:
@@ -139,46 +149,6 @@ def _backward(ctx, dy, _dz):
 bottleneck_adapter_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling) -> None:
-    _validate.tensor("x", x, min_ndim=1)
-    _validate.tensor("down_weight", down_weight, ndim=2)
-    _validate.tensor("up_weight", up_weight, ndim=2)
-    if down_bias is not None:
-        _validate.tensor("down_bias", down_bias, ndim=1)
-    if up_bias is not None:
-        _validate.tensor("up_bias", up_bias, ndim=1)
-    if residual is not None:
-        _validate.tensor("residual", residual)
-    _validate.number("scaling", scaling)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    _validate.same_device(x=x, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight, up_bias=up_bias,
-                          residual=residual)
-    d = x.shape[-1]
-    r = down_weight.shape[0]
-    if r < 1:
-        raise ValueError(f"down_weight has shape {tuple(down_weight.shape)}: the bottleneck r must be >= 1")
-    if down_weight.shape[1] != d:
-        raise ValueError(f"down_weight has shape {tuple(down_weight.shape)}, expected (r, {d}) for x with d={d}")
-    if tuple(up_weight.shape) != (d, r):
-        raise ValueError(f"up_weight has shape {tuple(up_weight.shape)}, expected ({d}, {r}) (d, r)")
-    if down_bias is not None and tuple(down_bias.shape) != (r,):
-        raise ValueError(f"down_bias has shape {tuple(down_bias.shape)}, expected ({r},)")
-    if up_bias is not None and tuple(up_bias.shape) != (d,):
-        raise ValueError(f"up_bias has shape {tuple(up_bias.shape)}, expected ({d},)")
-    if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual is {residual.dtype} but x is {x.dtype}: they must share a dtype")
-    pdt = down_weight.dtype
-    for name, t in (("up_weight", up_weight), ("down_bias", down_bias), ("up_bias", up_bias)):
-        if t is not None and t.dtype != pdt:
-            raise TypeError(f"{name} is {t.dtype} but down_weight is {pdt}: the adapter tensors share one dtype")
-    if pdt not in (x.dtype, torch.float32):
-        raise TypeError(f"adapter tensors are {pdt} but x is {x.dtype}: use x's dtype or float32 for the adapter")
-
-
 def bottleneck_adapter(x: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
                        up_bias: Tensor | None, residual: Tensor | None = None, activation: str = "relu",
                        scaling: float = 1.0) -> Tensor:
@@ -191,7 +161,7 @@ def bottleneck_adapter(x: Tensor, down_weight: Tensor, down_bias: Tensor | None,
     the adapter computes in fp32). The result has x's dtype. Gradients flow to x, residual and all four
     adapter tensors; backward saves x and z = x W_dᵀ + b_d only.
     """
-    _check(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling)
+    _validate.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling)
     y, _ = torch.ops.peftkern.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, residual,
                                                  activation, float(scaling))
     return y

@@ -83,14 +83,20 @@ def _cuda_bwd(dy, saved, weight, ia3_l, feedforward, need_dx, need_dl):
 # ---------------------------------------------------------------- the ops
 
 
+def _unit(t: Tensor | None) -> Tensor | None:
+    """A 1-D tensor the Triton kernels index with unit stride (a strided view would be read wrong)."""
+    return t if t is None or t.stride(0) == 1 else t.contiguous()
+
+
 @torch.library.custom_op("peftkern::ia3_linear", mutates_args=())
 def ia3_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, feedforward: bool) -> Tensor:
+    _validate.ia3_linear(x, weight, bias, ia3_l, feedforward)  # before any backend runs
     x2d = x.reshape(-1, x.shape[-1])
     backend = _backend.dispatch("ia3_linear", x.device, _fwd_backends(feedforward))
     if backend == "cuda":
         y = _cuda_fwd(x2d, weight, bias, ia3_l, feedforward)
-    elif backend == "triton":
-        y = _triton().ia3_linear_fwd(x2d, weight, bias, ia3_l, feedforward)
+    elif backend == "triton":  # the kernel reads bias and l with unit stride
+        y = _triton().ia3_linear_fwd(x2d, weight, _unit(bias), _unit(ia3_l), feedforward)
     else:
         y = ref.ia3_linear_fwd(x2d, weight, bias, ia3_l, feedforward)
     return own(y, (*x.shape[:-1], weight.shape[0]))
@@ -98,6 +104,7 @@ def ia3_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor,
 
 @ia3_linear_op.register_fake
 def _(x, weight, bias, ia3_l, feedforward):
+    _validate.ia3_linear_args(x, weight, bias, ia3_l, feedforward)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -108,18 +115,21 @@ def ia3_linear_backward_op(
 ) -> tuple[Tensor, Tensor]:
     """Returns (dx, dl); each is an empty (0,) tensor when not needed. `saved` is the forward's
     output y (output case) or x (feed-forward), and may be None when need_dl is False."""
+    _validate.ia3_linear_backward(dy, saved, weight, ia3_l, feedforward, need_dl)
     dy2d = dy.reshape(-1, dy.shape[-1])
     s2d = saved.reshape(-1, saved.shape[-1]) if saved is not None else None
     with _backend.use_backend(backend):
         name = _backend.dispatch("ia3_linear_backward", dy.device, _BWD_BACKENDS)
     impl = {"cuda": _cuda_bwd, "triton": lambda *a: _triton().ia3_linear_bwd(*a)}.get(name, ref.ia3_linear_bwd)
-    dx, dl = impl(dy2d, s2d, weight, ia3_l, feedforward, need_dx, need_dl)
+    dx, dl = impl(dy2d, s2d, weight, _unit(ia3_l) if name == "triton" else ia3_l, feedforward, need_dx, need_dl)
     dx = own(dx, (*dy.shape[:-1], weight.shape[1])) if need_dx else dy.new_empty((0,))
     return dx, (dl if need_dl else ia3_l.new_empty((0,)))
 
 
 @ia3_linear_backward_op.register_fake
 def _(dy, saved, weight, ia3_l, feedforward, need_dx, need_dl, backend):
+    _validate.ia3_linear_backward_args(dy, saved, weight, ia3_l, feedforward, need_dl)
+    _validate.backend_name(backend)
     dx = dy.new_empty((*dy.shape[:-1], weight.shape[1])) if need_dx else dy.new_empty((0,))
     return dx, (torch.empty_like(ia3_l) if need_dl else ia3_l.new_empty((0,)))
 
@@ -166,24 +176,6 @@ def _backward(ctx, dy):
 ia3_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(x, weight, bias, ia3_l, feedforward) -> None:
-    _validate.tensor("x", x, min_ndim=1)
-    _validate.tensor("weight", weight, ndim=2)
-    if bias is not None:
-        _validate.tensor("bias", bias, ndim=1)
-    _validate.tensor("ia3_l", ia3_l, ndim=1)
-    if not isinstance(feedforward, bool):
-        raise TypeError(f"feedforward must be a bool, got {type(feedforward).__name__}")
-    _validate.same_device(x=x, weight=weight, bias=bias, ia3_l=ia3_l)
-    out_f, in_f = _validate.linear_base(x, weight, bias)
-    want = in_f if feedforward else out_f
-    if ia3_l.shape[0] != want:
-        what = "in (feedforward=True scales the input)" if feedforward else "out (feedforward=False scales the output)"
-        raise ValueError(f"ia3_l has shape {tuple(ia3_l.shape)}, expected ({want},) = {what}")
-    if ia3_l.dtype not in (torch.float32, x.dtype):
-        raise TypeError(f"ia3_l is {ia3_l.dtype}: it must be float32 or x's dtype ({x.dtype})")
-
-
 def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, feedforward: bool = False) -> Tensor:
     """Fused IA3 linear, peft's semantics.
 
@@ -195,5 +187,5 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, fe
     if (isinstance(ia3_l, torch.Tensor) and ia3_l.dim() == 2 and isinstance(weight, torch.Tensor)
             and weight.dim() == 2 and ia3_l.shape == ((1, weight.shape[1]) if feedforward else (weight.shape[0], 1))):
         ia3_l = ia3_l.reshape(-1)  # a view: the gradient reaches peft's parameter
-    _check(x, weight, bias, ia3_l, feedforward)
+    _validate.ia3_linear(x, weight, bias, ia3_l, feedforward)
     return torch.ops.peftkern.ia3_linear(x, weight, bias, ia3_l, feedforward)

@@ -66,11 +66,14 @@ def lora_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float, seed: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
+    _validate.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)  # before any backend runs
+    _validate.seed("seed", seed)
     x2d = x.reshape(-1, x.shape[-1])
     s = int(seed.item()) if seed is not None else 0
     backend = _backend.dispatch("lora_linear", x.device, _fwd_backends(x2d, weight, lora_A, dropout_p))
     if backend == "cuda":
-        y, t = torch.ops.peftkern_cuda.lora_decode(x2d.contiguous(), weight.contiguous(), bias,
+        y, t = torch.ops.peftkern_cuda.lora_decode(x2d.contiguous(), weight.contiguous(),
+                                                   bias.contiguous() if bias is not None else None,
                                                    lora_A.contiguous(), lora_B.contiguous(), scaling)
     else:
         y, t = _fwd_impl(backend)(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, s)
@@ -79,6 +82,8 @@ def lora_linear_op(
 
 @lora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    _validate.lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)  # torch._check on symbolic dims
+    _validate.seed("seed", seed)
     m = x.shape[:-1].numel()
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     t = x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
@@ -93,6 +98,7 @@ def lora_linear_backward_op(
     """Returns (dx, dA, dB); dx is an empty (0,) tensor when need_dx is False, dA and dB when need_ab is
     False (frozen adapters: their two reductions over M are skipped). `backend` is the one requested
     around the forward (use_backend does not reach autograd's CUDA thread)."""
+    _validate.lora_linear_backward(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed)
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])
     s = int(seed.item()) if seed is not None else 0
@@ -106,6 +112,8 @@ def lora_linear_backward_op(
 
 @lora_linear_backward_op.register_fake
 def _(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_dx, need_ab, backend):
+    _validate.lora_linear_backward_args(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed)
+    _validate.backend_name(backend)
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     if not need_ab:
         return dx, lora_A.new_empty((0,)), lora_B.new_empty((0,))

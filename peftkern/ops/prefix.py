@@ -37,6 +37,7 @@ def prefix_attention_op(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, key_padding_mask: Tensor | None,
     causal: bool, softmax_scale: float,
 ) -> tuple[Tensor, Tensor]:
+    _validate.prefix_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, softmax_scale)
     impls = {"torch": lambda: None, "triton": _triton_ok(q, k, prefix_k)}
     backend = _backend.dispatch("prefix_attention", q.device, impls)
     impl = _triton().prefix_attention_fwd if backend == "triton" else ref.prefix_attention_fwd
@@ -45,6 +46,7 @@ def prefix_attention_op(
 
 @prefix_attention_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale):
+    _validate.prefix_attention_args(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, softmax_scale)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -63,6 +65,8 @@ def prefix_attention_backward_op(
     key_padding_mask: Tensor | None, causal: bool, softmax_scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dprefix_k, dprefix_v). `backend` is the one requested around the forward."""
+    _validate.prefix_attention_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, causal,
+                                        softmax_scale)
     backend = _backend.dispatch("prefix_attention_backward", q.device, _bwd_backends(q, k, prefix_k),
                                 requested=backend)
     args = (dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, softmax_scale)
@@ -75,6 +79,9 @@ def prefix_attention_backward_op(
 
 @prefix_attention_backward_op.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, causal, softmax_scale, backend):
+    _validate.prefix_attention_backward_args(dout, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, causal,
+                                             softmax_scale)
+    _validate.backend_name(backend)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), prefix_k.new_empty(prefix_k.shape),
             prefix_v.new_empty(prefix_v.shape))
 
@@ -100,49 +107,6 @@ def _backward(ctx, dout, _dlse):
 prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, softmax_scale) -> None:
-    _validate.tensor("q", q, ndim=4)
-    _validate.tensor("k", k, ndim=4)
-    _validate.tensor("v", v, ndim=4)
-    _validate.tensor("prefix_k", prefix_k)
-    _validate.tensor("prefix_v", prefix_v)
-    if key_padding_mask is not None and not isinstance(key_padding_mask, torch.Tensor):
-        raise TypeError("key_padding_mask must be a bool tensor (True = attend)")
-    _validate.same_device(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, key_padding_mask=key_padding_mask)
-    B, H, L, D = q.shape
-    if tuple(k.shape[:1]) != (B,) or k.shape[3] != D:
-        raise ValueError(f"k has shape {tuple(k.shape)}, expected (B={B}, Hkv, S, D={D})")
-    Hkv, S = k.shape[1], k.shape[2]
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}: they must match")
-    if Hkv < 1 or H % Hkv:
-        raise ValueError(f"q has H={H} heads, not a multiple of the Hkv={Hkv} heads of k (GQA needs H % Hkv == 0)")
-    if prefix_k.dim() not in (3, 4):
-        raise ValueError(f"prefix_k must be 3-D (Hkv, P, D) or 4-D (B, Hkv, P, D), got shape {tuple(prefix_k.shape)}")
-    lead = (Hkv,) if prefix_k.dim() == 3 else (B, Hkv)
-    if tuple(prefix_k.shape[:-2]) != lead or prefix_k.shape[-1] != D:
-        want = "(Hkv, P, D)" if prefix_k.dim() == 3 else "(B, Hkv, P, D)"
-        raise ValueError(f"prefix_k has shape {tuple(prefix_k.shape)}, expected {want} with B={B}, Hkv={Hkv}, D={D}")
-    if prefix_k.shape[-2] < 1:
-        raise ValueError("prefix_k has P=0 prefix positions: prefix attention needs P >= 1")
-    if tuple(prefix_v.shape) != tuple(prefix_k.shape):
-        raise ValueError(f"prefix_v has shape {tuple(prefix_v.shape)} but prefix_k has {tuple(prefix_k.shape)}")
-    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} is {t.dtype} but q is {q.dtype}: q, k, v and the prefix share one dtype")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise TypeError("key_padding_mask must be a bool tensor (True = attend)")
-        if tuple(key_padding_mask.shape) != (B, S):
-            raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected (B={B}, S={S})")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if softmax_scale is not None:
-        _validate.number("softmax_scale", softmax_scale)
-        if not softmax_scale > 0:
-            raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
-
-
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, causal: bool = True,
                      key_padding_mask: Tensor | None = None, softmax_scale: float | None = None) -> Tensor:
     """Attention of q over the keys [prefix ; sequence], the prefix read in place (never concatenated).
@@ -160,7 +124,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     dt = _backend.autocast_dtype(dev)
     if dt is not None:
         q, k, v, prefix_k, prefix_v = (t.to(dt) for t in (q, k, v, prefix_k, prefix_v))
-    _check(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, softmax_scale)
+    _validate.prefix_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, softmax_scale)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     # Autocast off inside: the torch backend's fp32 upcasts must not be cast back down.
     with torch.autocast(dev, enabled=False) if dt is not None else contextlib.nullcontext():

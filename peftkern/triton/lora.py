@@ -308,6 +308,8 @@ def gemm_lora(x2d, w, w_nk_strides, t, u, u_nr_strides, bias, out_dtype, N, scal
     out = torch.empty((M, N), device=x2d.device, dtype=out_dtype)
     if M == 0 or N == 0:
         return out
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the kernel reads it with unit stride
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _gemm_lora_kernel[grid](
         x2d, w, t, u, bias if bias is not None else t, out,
@@ -328,6 +330,8 @@ def lora_epilogue_(out, t, u, u_nr_strides, bias, scaling, p, seed, accumulate=T
     r = t.shape[1]
     if M == 0 or N == 0:
         return out
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the kernel reads it with unit stride
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
     _lora_epilogue_kernel[grid](
         out, t, u, bias if bias is not None else t,
