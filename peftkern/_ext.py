@@ -55,10 +55,12 @@ _avail_cache: dict[bool, tuple[bool, str]] = {}
 
 
 def csrc_dir() -> Path | None:
-    """The C++/CUDA sources: ``peftkern/csrc`` in an installed wheel, else ``<repo>/csrc``."""
+    """The C++/CUDA sources: ``peftkern/csrc`` in an installed wheel, else ``<repo>/csrc``. Each op
+    registers its own CUDA ops from its folder (``csrc/<op>/``); ``csrc/include/peftkern`` holds the
+    shared headers and marks the root."""
     here = Path(__file__).resolve().parent
     for cand in (here / "csrc", here.parent / "csrc"):
-        if (cand / "ops.cpp").is_file():
+        if (cand / "include" / "peftkern").is_dir():
             return cand
     return None
 

@@ -30,8 +30,8 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "lora_decode.cuh"
 #include "peftkern/dtype.cuh"
-#include "peftkern/kernels.cuh"
 #include "peftkern/reduce.cuh"
 #include "peftkern/vec.cuh"
 

@@ -79,7 +79,9 @@ def test_build_meta(built):
     assert meta["nvcc"] == _ext.nvcc_version() and meta["nvcc"]
     assert meta["sources_sha256"] == _ext.sources_sha256()
     assert meta["so"] == so.name
-    assert "lora/lora_decode.cu" in meta["sources"] and "ops.cpp" in meta["sources"]
+    assert {"lora/lora.cpp", "lora/lora_decode.cu", "ia3/ia3.cu", "adapter/adapter.cu",
+            "prefix/prefix.cu"} <= set(meta["sources"])
+    assert all(s.count("/") == 1 for s in meta["sources"]), "each op's sources (and registration) in csrc/<op>/"
     assert meta["built_at"]
 
 

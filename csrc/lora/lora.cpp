@@ -1,7 +1,9 @@
-// Operator registrations of the peftkern CUDA extension (library `peftkern_cuda`).
-//
-// Loaded with torch.ops.load_library (see peftkern/_ext.py); no Python module. Each op has:
-//   * a schema (TORCH_LIBRARY),
+// LoRA's CUDA op, peftkern_cuda::lora_decode: its registration in the extension (library
+// `peftkern_cuda`, loaded with torch.ops.load_library by peftkern/_ext.py; no Python module). The
+// kernel is in lora_decode.cu, reached through the plain C++ entry point in lora_decode.cuh, so this
+// file is the only one of the op compiled against torch's headers (by the host compiler, not nvcc).
+// Like every op folder under csrc/, it adds to the namespace with TORCH_LIBRARY_FRAGMENT:
+//   * a schema,
 //   * a CUDA kernel: argument checks naming the argument, a device guard, the current stream,
 //   * a Meta kernel (shapes/dtypes only, symbolic sizes) so fake tensors can trace it,
 //   * a CPU kernel that only raises a clear error (there is no CPU implementation here).
@@ -17,7 +19,7 @@
 #include <optional>
 #include <tuple>
 
-#include "peftkern/kernels.cuh"
+#include "lora_decode.cuh"
 
 namespace peftkern {
 namespace {
@@ -144,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> lora_decode_cpu(const at::Tensor& x, const at
 }  // namespace
 }  // namespace peftkern
 
-TORCH_LIBRARY(peftkern_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(peftkern_cuda, m) {
   m.def(
       "lora_decode(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling) "
       "-> (Tensor, Tensor)");

@@ -1,6 +1,6 @@
-// Host-side entry points of the CUDA kernels. Plain C++ (no torch, no device code): included by
-// csrc/ops.cpp, which does the argument checks and allocation, and by the .cu files that define
-// them. Keeping torch headers out of the .cu files keeps nvcc compile times down.
+// Host-side entry point of the LoRA decode kernel. Plain C++ (no torch, no device code): included by
+// lora.cpp, which registers the op (argument checks, allocation), and by lora_decode.cu, which
+// defines it. Keeping torch headers out of the .cu file keeps nvcc compile times down.
 #pragma once
 
 #include <cuda_runtime_api.h>
