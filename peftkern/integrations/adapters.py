@@ -1,22 +1,17 @@
 """Bottleneck adapters injected into Hugging Face transformers models (peft has no bottleneck adapters).
 
-Placements (d = hidden size, r = `bottleneck`):
-  houlsby  (Houlsby et al. 2019): serial adapters after the attention output projection and after the
-           FFN output projection, before the residual add (and so before the LayerNorm of post-LN models
-           such as BERT / RoBERTa, whose *SelfOutput / *Output add and normalise after the projection).
-  pfeiffer (Pfeiffer et al. 2021): the serial FFN adapter only.
-  parallel (He et al. 2022): beside the FFN sublayer, fed the sublayer's input, added to its output
-           projection's output.
-`sites` overrides where adapters go ("attn", "ffn"). The base model is frozen; each adapter starts as the
-identity (up-projection and its bias zero), so the model starts unchanged.
+Placements (d = hidden size, r = `bottleneck`): houlsby (Houlsby et al. 2019), serial adapters after the
+attention output projection and after the feed-forward output projection, before the residual add (and so
+before the LayerNorm of post-LN models such as BERT); pfeiffer (Pfeiffer et al. 2021), the serial
+feed-forward adapter only; parallel (He et al. 2022), beside the sublayer, fed its input, added to its
+output projection's output. `sites` overrides where adapters go ("attn", "ffn").
 
-Mechanics: an adapter is an nn.Module child named `adapter` of the output projection it follows (so its
-parameters are named like `...self_attn.o_proj.adapter.down_weight`, the base's names are untouched, and
-deepcopy / .to() / state_dict work); a forward hook on that projection applies it. A parallel adapter also
-has a forward pre-hook on its sublayer that hands the sublayer's input to the adapter.
-
-`save_adapters` writes `adapter_model.safetensors` and `adapter_config.json` (no pickle);
-`load_adapters` adds the adapters when the model has none and loads them strictly (names and shapes).
+Sites are found by structure, not class names (`block_sites`): any encoder or decoder whose blocks sit in an
+nn.ModuleList and run an attention then a feed-forward of linear layers (BERT, RoBERTa, XLM-R, ELECTRA,
+DeBERTa-v2, GPT-2, T5, Llama, Mistral, Qwen, ...). An adapter is a child named `adapter` of the projection
+it follows, applied by a forward hook there (a parallel one also by a pre-hook capturing the sublayer
+input); the base is frozen and each adapter starts as the identity. `save_adapters` writes safetensors and
+a JSON config (no pickle); `load_adapters` adds the adapters when the model has none and loads strictly.
 """
 
 from __future__ import annotations
@@ -24,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import os
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -91,87 +86,117 @@ class AdapterConfig:
         return cls(**d)
 
 
-# ------------------------------------------------------------------ architectures
+# ------------------------------------------------------------------ sites, found by structure
 
 
 @dataclasses.dataclass(frozen=True)
 class _Site:
-    out: str  # path from the layer to the output projection the adapter follows
-    sub: str  # path to the sublayer whose input feeds a parallel adapter (an ancestor of `out`)
-    arg: int  # position of that input in the sublayer's forward
-    kwarg: str  # its keyword name
+    out: str  # path from the block to the output projection the adapter follows
+    entry: str  # path from the block to the module whose input is the sublayer's input (feeds a parallel adapter)
+    arg: str  # that input's parameter name in entry.forward, for a call that passes it by keyword
 
 
-def _llama(layer):
-    return {"attn": _Site("self_attn.o_proj", "self_attn", 0, "hidden_states"),
-            "ffn": _Site("mlp.down_proj", "mlp", 0, "x")}
-
-
-def _bert(layer):  # post-LN: *SelfOutput / *Output get (hidden_states, input_tensor) and add + normalise
-    return {"attn": _Site("attention.output.dense", "attention.output", 1, "input_tensor"),
-            "ffn": _Site("output.dense", "output", 1, "input_tensor")}
-
-
-def _gpt2(layer):
-    return {"attn": _Site("attn.c_proj", "attn", 0, "hidden_states"),
-            "ffn": _Site("mlp.c_proj", "mlp", 0, "hidden_states")}
-
-
-def _t5(layer):  # layer.0 self-attention, (layer.1 cross-attention in the decoder, not adapted), last: FFN
-    last = len(layer.layer) - 1
-    return {"attn": _Site("layer.0.SelfAttention.o", "layer.0.SelfAttention", 0, "hidden_states"),
-            "ffn": _Site(f"layer.{last}.DenseReluDense.wo", f"layer.{last}.DenseReluDense", 0, "hidden_states")}
-
-
-_ARCHS: dict[str, Callable] = {
-    "LlamaDecoderLayer": _llama, "MistralDecoderLayer": _llama, "Qwen2DecoderLayer": _llama,
-    "BertLayer": _bert, "RobertaLayer": _bert,
-    "GPT2Block": _gpt2,
-    "T5Block": _t5,
-}
-
-
-def _layer_sites(module: nn.Module) -> dict[str, _Site] | None:
-    name = type(module).__name__
-    if name in _ARCHS:
-        return _ARCHS[name](module)
-    # Llama-shaped decoder layers of other families (Mistral, Qwen, Gemma, ...).
-    if name.endswith("DecoderLayer") and _has(module, "self_attn.o_proj") and _has(module, "mlp.down_proj"):
-        return _llama(module)
+def _dims(mod: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of an nn.Linear or of transformers' Conv1D (GPT-2, weight stored (in, out)), else None."""
+    if isinstance(mod, nn.Linear):
+        return mod.in_features, mod.out_features
+    conv1d = _conv1d()
+    if conv1d is not None and isinstance(mod, conv1d):
+        return int(mod.weight.shape[0]), int(mod.nf)
     return None
 
 
-def _has(module: nn.Module, path: str) -> bool:
+@functools.cache
+def _conv1d():
     try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is optional
+        return None
+    return Conv1D
+
+
+def _inside(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def _common_prefix(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    common = []
+    for names in zip(*parts):
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    return ".".join(common)
+
+
+def _first_param(mod: nn.Module) -> str:
+    params = list(inspect.signature(mod.forward).parameters)
+    return params[0] if params else ""
+
+
+def block_sites(block: nn.Module) -> dict[str, _Site] | None:
+    """The adapter sites of a transformer block, from its structure alone, or None when it does not look like
+    one. Its linear layers (nn.Linear, Conv1D) in module order: the last one is the feed-forward output
+    projection (its out_features is the hidden size d), the one before it the feed-forward input projection
+    (in_features d; an up or fused gate/up projection); the first one reads d and lies in the attention: the
+    outermost sub-module holding it and neither feed-forward projection. That attention's last linear, writing
+    d, is its output projection. A parallel adapter reads the attention's input (the input of the smallest
+    module holding all its linears) or the feed-forward input projection's input."""
+    lin = [(p, d) for p, m in block.named_modules() if (d := _dims(m)) is not None]
+    if len(lin) < 4:
+        return None
+    (ffn_out, (mid, hidden)), (ffn_in, (fi_in, fi_out)) = lin[-1], lin[-2]
+    if fi_in != hidden or fi_out % mid:
+        return None
+    first, (a_in, _) = lin[0]
+    parts = first.split(".")
+    attn = next((pre for i in range(1, len(parts)) if not _inside(ffn_out, pre := ".".join(parts[:i]))
+                 and not _inside(ffn_in, pre)), None)
+    if a_in != hidden or attn is None:
+        return None
+    inner = [(p, d) for p, d in lin if _inside(p, attn)]
+    attn_out, (_, a_out) = inner[-1]
+    if len(inner) < 2 or a_out != hidden:
+        return None
+    entry = _common_prefix([p for p, _ in inner])
+    return {"attn": _Site(attn_out, entry, _first_param(block.get_submodule(entry))),
+            "ffn": _Site(ffn_out, ffn_in, _first_param(block.get_submodule(ffn_in)))}
 
 
 def find_layers(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, _Site]]]:
-    """(name, layer, sites) of every transformer layer peftkern knows how to adapt, in module order."""
-    return [(n, m, s) for n, m in model.named_modules() if (s := _layer_sites(m)) is not None]
+    """(name, block, sites) of every transformer block of `model`, in module order: the elements of the
+    outermost nn.ModuleLists whose elements are all of one class and all have sites (`block_sites`)."""
+    found = []
+
+    def visit(prefix: str, mod: nn.Module) -> None:
+        if isinstance(mod, nn.ModuleList) and len(mod) and len({type(c) for c in mod}) == 1:
+            blocks = [(prefix + n, c, block_sites(c)) for n, c in mod.named_children()]
+            if all(s is not None for _, _, s in blocks):
+                found.extend(blocks)
+                return
+        for n, c in mod.named_children():
+            visit(f"{prefix}{n}.", c)
+
+    visit("", model)
+    return found
 
 
 def _out_features(mod: nn.Module) -> int:
-    if isinstance(mod, nn.Linear):
-        return mod.out_features
-    if hasattr(mod, "nf"):  # transformers' Conv1D (GPT-2): weight (in, out)
-        return int(mod.nf)
-    raise TypeError(f"cannot tell the output size of {type(mod).__name__}")
+    dims = _dims(mod)
+    if dims is None:
+        raise TypeError(f"cannot tell the output size of {type(mod).__name__}")
+    return dims[1]
 
 
-# ------------------------------------------------------------------ hooks (module-level: deepcopy-safe)
+# ------------------------------------------------------------------ hooks (module-level functions: deepcopy-safe)
 
 
 def _serial_hook(mod, args, out):
     return mod.adapter(out)
 
 
-def _capture_hook(sub, args, kwargs, *, out_path, arg, kwarg):
-    x = args[arg] if len(args) > arg else kwargs[kwarg]
-    sub.get_submodule(out_path).adapter._parallel_input = x
+def _capture_hook(entry, args, kwargs, *, adapter, arg):
+    adapter._parallel_input = args[0] if args else kwargs[arg]
 
 
 def _parallel_hook(mod, args, out):
@@ -205,8 +230,8 @@ def add_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise ValueError("the model already has peftkern adapters: call remove_adapters(model) first")
     layers = find_layers(model)
     if not layers:
-        raise ValueError(f"add_adapters: no supported transformer layers in {type(model).__name__} "
-                         f"(supported layer classes: {', '.join(sorted(_ARCHS))}, and Llama-shaped *DecoderLayer)")
+        raise ValueError(f"add_adapters: no supported transformer layers in {type(model).__name__} (it looks for "
+                         "an nn.ModuleList of blocks, each an attention then a feed-forward of linear layers)")
     for _, layer, sites in layers:  # every site must be adaptable before anything changes
         for site_name in config.resolved_sites:
             _out_features(layer.get_submodule(sites[site_name].out))
@@ -241,10 +266,9 @@ def _add_one(layer: nn.Module, site: _Site, config: AdapterConfig) -> None:
     out.adapter = BottleneckAdapter(_out_features(out), config.bottleneck, config.activation, config.scaling,
                                     device=weight.device, dtype=dtype)
     if config.placement == "parallel":
-        sub = layer.get_submodule(site.sub)
-        rel = site.out[len(site.sub) + 1:]
-        sub.register_forward_pre_hook(functools.partial(_capture_hook, out_path=rel, arg=site.arg,
-                                                        kwarg=site.kwarg), with_kwargs=True)
+        entry = layer.get_submodule(site.entry)
+        entry.register_forward_pre_hook(functools.partial(_capture_hook, adapter=out.adapter, arg=site.arg),
+                                        with_kwargs=True)
         out.register_forward_hook(_parallel_hook)
     else:
         out.register_forward_hook(_serial_hook)
