@@ -190,21 +190,6 @@ def test_frozen_adapters_skip_their_reductions(backend, p, monkeypatch):
     assert "tn" not in calls and a.grad is None and bb.grad is None
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="the cuda backend runs on a GPU")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("adapter_fp32", [False, True])
-@pytest.mark.parametrize("m", [1, 5, 16])
-def test_cuda_decode_forward(dtype, adapter_fp32, m):
-    ad = torch.float32 if adapter_fp32 else dtype
-    x, w, b, a, bb = make_inputs((m,), 4096, 4096, 16, dtype, ad, True)
-    with torch.no_grad(), peftkern.use_backend("cuda"):
-        y = peftkern.ops.lora_linear(x, w, b, a, bb, 0.5)
-    with torch.no_grad():
-        y64 = ref.lora_linear(x.double(), w.double(), b.double(), a.double(), bb.double(), 0.5)
-        assert_close_rule("y", y, y64, ref.lora_linear(x, w, b, a, bb, 0.5))
-
-
 # ------------------------------------------------------------------ dropout semantics
 
 

@@ -156,29 +156,6 @@ def test_backward_runs_on_the_forwards_backend(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="the cuda backend runs on a GPU")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("D", [64, 24])
-def test_cuda_prefix_grad_reduce(dtype, D):
-    """The cuda backward (Triton attention + CUDA C++ batch reduction) equals the triton one's sum."""
-    leaves, mask = make_inputs(5, 4, 2, 33, 40, 7, D, dtype, mask="random")
-    scale = D ** -0.5
-    with torch.no_grad(), peftkern.use_backend("triton"):
-        out, lse = torch.ops.peftkern.prefix_attention(*leaves, mask, True, scale)
-    gout = torch.randn_like(out)
-    args = (gout, *leaves, out, lse, mask, True, scale)
-    want = torch.ops.peftkern.prefix_attention_backward(*args, "triton")
-    got = torch.ops.peftkern.prefix_attention_backward(*args, "cuda")
-    for name, g, w in zip(NAMES, got, want):
-        assert g.dtype == w.dtype and g.shape == w.shape, name
-        torch.testing.assert_close(g, w, rtol=0, atol=0 if name[1] != "p" else 2e-3 * w.abs().max().item())
-    part = torch.randn(2, 6, 1003, device=DEVICE)  # odd N: the scalar path
-    k_sum, v_sum = torch.ops.peftkern_cuda.prefix_grad_reduce(part, dtype)
-    torch.testing.assert_close(k_sum, part[0].sum(0).to(dtype))
-    torch.testing.assert_close(v_sum, part[1].sum(0).to(dtype))
-
-
 # ------------------------------------------------------------------ bad inputs
 
 
