@@ -20,7 +20,7 @@ from torch import nn
 from .. import _backend
 from ..ops import lora as _lora_ops
 from . import _swap, checks
-from .checks import FLOATS, base_kind, base_why_not, hooked, log_once, note_fallback, plain_forward, plain_weight
+from .checks import FLOATS, base_kind, base_why_not, log_once, note_fallback, plain_forward, plain_weight
 
 _FUSED = "FusedLoraLinear"  # the class accelerated peft lora.Linear instances get (integrations/_swap.py)
 # Keyword arguments peft's forward pops and ignores for vanilla LoRA when they are None.
@@ -54,12 +54,34 @@ def _layer_why_not(layer, active: list[str]) -> str | None:
     r, in_f = lora_a.weight.shape
     if r > min(in_f, lora_b.weight.shape[0]):
         return f"rank {r} exceeds min(in, out)"
+    why = _shapes_why_not(layer.base_layer, lora_a, lora_b)
+    if why is not None:
+        return why
     drop = layer.lora_dropout[a]
     if type(drop) not in (nn.Dropout, nn.Identity) or (type(drop) is nn.Dropout and not 0.0 <= drop.p < 1.0):
         return f"dropout module {type(drop).__name__} (only nn.Dropout with p < 1 or nn.Identity)"
     s = layer.scaling[a]
     if isinstance(s, bool) or not isinstance(s, (int, float)):
         return f"scaling is a {type(s).__name__}, not a Python number"
+    return None
+
+
+def _shapes_why_not(base, lora_a, lora_b) -> str | None:
+    """What the op checks of the weights on every call (shapes, one device, the base's dtype), checked once per
+    layer state instead: the plan's key holds every weight's storage, dtype and shape."""
+    w = base.weight
+    out_f, in_f = (w.shape[1], w.shape[0]) if base_kind(base) == "conv1d" else w.shape
+    r = lora_a.weight.shape[0]
+    if lora_a.weight.shape[1] != in_f or lora_b.weight.shape != (out_f, r):
+        return "lora_A/lora_B shapes do not match the base layer"
+    for b in (base.bias, lora_b.bias):
+        if b is not None and b.shape != (out_f,):
+            return "a bias shape does not match the base layer's out_features"
+    if base.bias is not None and base.bias.dtype != w.dtype:
+        return "base bias dtype differs from the base weight's"
+    tensors = (w, base.bias, lora_a.weight, lora_b.weight, lora_b.bias)
+    if len({t.device for t in tensors if t is not None}) != 1:
+        return "base weight and adapters are on different devices"
     return None
 
 
@@ -72,40 +94,46 @@ def _active(layer) -> list[str]:
 
 
 def _state_key(layer) -> tuple:
-    """Everything the input-independent checks read, as ids and plain values: cheap to build per call, and
-    different whenever the layer's state (adapters active/merged/disabled, modules, parameters, their dtypes
-    and devices, hooks) changes. The plan keeps the objects alive, so their ids cannot be reused."""
-    mods = layer._modules
+    """Everything the input-independent checks read, as objects, ids and plain values: cheap to build per call,
+    and different whenever the layer's state (adapters active/merged/disabled, modules, parameters, their dtypes
+    and storage, hooks) changes. Storage (data_ptr) stands for device and shape: moving or reshaping a parameter
+    in place (`.to()`, `.data =`) gives it new storage. The plan keeps the objects alive, so ids are not reused."""
+    d = layer.__dict__
+    mods = d["_modules"]
     base = mods["base_layer"]
-    names = layer._active_adapter  # what layer.active_adapters reads, without its two property calls
+    names = d["_active_adapter"]  # what layer.active_adapters reads, without its two property calls
     adapters = mods["lora_A"]._modules
-    if isinstance(names, str):
+    if names.__class__ is str:
         active = (names,) if names in adapters else ()
     else:
         active = tuple(a for a in names if a in adapters)
     bp = base._parameters
     w, b = bp.get("weight"), bp.get("bias")
-    key = (layer._disable_adapters, len(layer.merged_adapters), active, id(base), type(base), hooked(base),
-           len(layer.lora_variant), id(w), id(b), _dtype_device(w), _dtype_device(b))
+    key = (d["_disable_adapters"], len(d["merged_adapters"]), active, base, _hooked(base), len(d["lora_variant"]),
+           _tensor_key(w), _tensor_key(b))
     if not active:
         return key
     a0 = active[0]
-    lora_a, lora_b = mods["lora_A"]._modules[a0], mods["lora_B"]._modules[a0]
+    lora_a, lora_b = adapters[a0], mods["lora_B"]._modules[a0]
     ap, bp = lora_a._parameters, lora_b._parameters
-    aw, bw, bb = ap.get("weight"), bp.get("weight"), bp.get("bias")
-    return (*key, id(lora_a), type(lora_a), hooked(lora_a), id(lora_b), type(lora_b), hooked(lora_b),
-            len(ap), len(bp), id(aw), id(bw), id(bb), _dtype_device(aw), _dtype_device(bw), _dtype_device(bb),
-            id(mods["lora_dropout"]._modules[a0]))
+    return (*key, lora_a, _hooked(lora_a), lora_b, _hooked(lora_b), len(ap), len(bp), _tensor_key(ap.get("weight")),
+            _tensor_key(bp.get("weight")), _tensor_key(bp.get("bias")), mods["lora_dropout"]._modules[a0])
 
 
-def _dtype_device(t):
-    return None if t is None else (t.dtype, t.device)
+def _hooked(m) -> bool:
+    d = m.__dict__  # hooked() without nn.Module's attribute lookups
+    return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+                or "forward" in d)
+
+
+def _tensor_key(t):
+    return None if t is None else (id(t), t.data_ptr(), t.dtype, t.shape)
 
 
 class _Plan:
     """A layer's fused-path decision and the objects the fused call reads, valid while its key holds."""
 
-    __slots__ = ("active", "base", "conv1d", "drop", "key", "lora_a", "lora_b", "why")
+    __slots__ = ("active", "base", "conv1d", "drop", "in_features", "key", "lora_a", "lora_b", "why")
 
     def __init__(self, layer, key):
         self.key = key
@@ -117,6 +145,7 @@ class _Plan:
             self.conv1d = base_kind(self.base) == "conv1d"
             self.lora_a, self.lora_b = layer.lora_A[a0], layer.lora_B[a0]
             self.drop = layer.lora_dropout[a0]
+            self.in_features = self.lora_a.weight.shape[1]
 
 
 # layer -> its projection group (candidates or formed; lora_group.py fills it, lora.py only reads it)
@@ -155,6 +184,8 @@ def _input_why_not(plan: _Plan, layer, x, args, kwargs, cdt) -> str | None:
     w = plan.base._parameters["weight"]
     if not isinstance(x, torch.Tensor) or x.dtype not in FLOATS or x.dim() < 1:
         return "input is not a float tensor"
+    if x.shape[-1] != plan.in_features:
+        return f"input has {x.shape[-1]} features, the layer takes {plan.in_features}"
     a_w = plan.lora_a._parameters["weight"]
     dev = w.device
     if x.device != dev or a_w.device != dev:
@@ -168,6 +199,9 @@ def _input_why_not(plan: _Plan, layer, x, args, kwargs, cdt) -> str | None:
     s = layer.scaling[plan.active[0]]
     if isinstance(s, bool) or not isinstance(s, (int, float)):
         return f"scaling is a {type(s).__name__}, not a Python number"
+    drop = plan.drop  # its p is read per call (a user may set it), so checked per call
+    if type(drop) is nn.Dropout and drop.training and not 0.0 <= drop.p < 1.0:
+        return f"dropout probability {drop.p!r} (the op takes p in [0, 1))"
     return None
 
 
@@ -195,9 +229,9 @@ def _fused_forward(self, x, *args, **kwargs):
     x_in, spec = _operands(plan, self, x, cdt)
     if cdt is not None:
         with torch.autocast(x.device.type, enabled=False):  # the operands are cast already: no recast inside
-            y = _lora_ops.lora_linear(x_in, *spec)
+            y = _lora_ops.lora_linear_checked(x_in, *spec)
     else:
-        y = _lora_ops.lora_linear(x_in, *spec)
+        y = _lora_ops.lora_linear_checked(x_in, *spec)
     active = plan.active
     if len(active) > 1:
         _note_extra_adapters()

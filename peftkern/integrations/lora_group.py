@@ -32,7 +32,7 @@ class _Group:
         self.forming = True
         self.members = [weakref.ref(m) for m in members]
         self.seen: list = []  # (layer, x) in call order, while forming
-        self.pending: dict = {}  # layer -> (x, x._version, y, plan): outputs computed for members not yet called
+        self.pending: dict = {}  # layer -> (x, x._version, y): outputs computed for members not yet called
         self.stale: dict = {}  # layer -> outputs in a row it never took
 
     def live(self) -> list:
@@ -47,8 +47,8 @@ class _Group:
             return None
         got = self.pending.pop(layer, None)
         if got is not None:
-            gx, version, y, plan = got
-            if gx is x and x._version == version and _lora._plan(layer) is plan:
+            gx, version, y = got
+            if gx is x and x._version == version:  # its state was checked when its output was computed
                 self.stale.pop(layer, None)
                 return y
             _leave(self, layer)  # called with another tensor (or changed since): not a member
@@ -80,7 +80,7 @@ class _Group:
         order = self.live()
         order.remove(layer)
         order.insert(0, layer)  # the caller first: its seed is drawn first, as its own call would draw it
-        plans, specs, x_in = [], [], None
+        members, specs, x_in = [], [], None
         for m in order:
             plan = _lora._plan(m)
             if _lora._input_why_not(plan, m, x, (), {}, cdt) is not None or len(plan.active) != 1:
@@ -91,18 +91,18 @@ class _Group:
             if x_in is not None and (xm.dtype != x_in.dtype or spec[0].dtype != specs[0][0].dtype):
                 continue
             x_in = xm
-            plans.append((m, plan))
+            members.append(m)
             specs.append(spec)
         if len(specs) < 2:
             return None
         if cdt is not None:
             with torch.autocast(x.device.type, enabled=False):
-                ys = _group_ops.lora_linear_group(x_in, specs)
+                ys = _group_ops.lora_linear_group_checked(x_in, specs)
         else:
-            ys = _group_ops.lora_linear_group(x_in, specs)
+            ys = _group_ops.lora_linear_group_checked(x_in, specs)
         version = x._version
-        for (m, plan), y in zip(plans[1:], ys[1:]):
-            self.pending[m] = (x, version, y, plan)
+        for m, y in zip(members[1:], ys[1:]):
+            self.pending[m] = (x, version, y)
         return ys[0]
 
 

@@ -43,14 +43,13 @@ def _fwd_backends(x2d, weight, lora_A, p):
             return "the cuda decode kernel reads a contiguous weight (copying it per call would cost more)"
         return None  # it also returns t, so a backward (on triton) still works
 
-    r = lora_A.shape[0]
-    too_big = f"the Triton LoRA kernels hold the rank in one tile: r={r} > 128" if r > 128 else None
-    return {"torch": lambda: None, "triton": lambda: too_big, "cuda": cuda_ok}
+    # The Triton kernels take any rank (ranks past 128 run in chunks: triton/lora.py).
+    return {"torch": lambda: None, "triton": lambda: None, "cuda": cuda_ok}
 
 
 def _bwd_backends(r):
-    too_big = f"the Triton LoRA kernels hold the rank in one tile: r={r} > 128" if r > 128 else None
-    return {"torch": lambda: None, "triton": lambda: too_big}
+    """Backends of the backward (and of an eager forward); every one takes any rank `r`."""
+    return {"torch": lambda: None, "triton": lambda: None}
 
 
 def _fwd_impl(backend: str):
@@ -178,14 +177,15 @@ def _eager(x: Tensor) -> bool:
 
 def _backends(device, r: int) -> tuple[str, str]:
     """(forward, backward) backend for an eager call, chosen as the op chooses them and cached per (device,
-    request, rank limit); ("", ...) for an explicit cuda request, whose decode kernel depends on M."""
+    request, mode): no backend's choice depends on the rank `r` any more (kept for callers that pass it);
+    ("", ...) for an explicit cuda request, whose decode kernel depends on M."""
     req = _backend.requested_backend()
     if req == "cuda":
         return "", "triton"  # the LoRA backward has no CUDA C++ kernel: the cuda backend runs Triton's
     mode = _backend.dispatch_mode()
-    fwd = _backend.cached_dispatch(("lora_linear", device, req, r > 128, mode), lambda: _backend.dispatch(
+    fwd = _backend.cached_dispatch(("lora_linear", device, req, mode), lambda: _backend.dispatch(
         "lora_linear", device, _eager_fwd_backends(r, req), requested=req))
-    bwd = _backend.cached_dispatch(("lora_linear_backward", device, req, r > 128, mode), lambda: _backend.dispatch(
+    bwd = _backend.cached_dispatch(("lora_linear_backward", device, req, mode), lambda: _backend.dispatch(
         "lora_linear_backward", device, _bwd_backends(r), requested=req))
     return fwd, bwd
 
@@ -247,6 +247,18 @@ def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
     return y if x.dim() == 2 else own(y, (*x.shape[:-1], weight.shape[0]))
 
 
+def lora_linear_checked(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                        scaling: float, dropout_p: float) -> Tensor:
+    """`lora_linear` for a caller that has checked every argument as `lora_linear` checks them (the integrations'
+    per-layer plans check the weights once per layer state and x per call): the same path without the checks."""
+    if _eager(x):
+        y = _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+        if y is not None:
+            return y
+    y, _ = torch.ops.peftkern.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, draw_seed(dropout_p))
+    return y
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float, dropout_p: float = 0.0) -> Tensor:
     """Fused LoRA linear: ``x @ weight.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``.
@@ -257,10 +269,4 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     from a seed drawn from torch's default generator; the mask is regenerated in backward.
     """
     _validate.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    scaling, dropout_p = float(scaling), float(dropout_p)
-    if _eager(x):
-        y = _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-        if y is not None:
-            return y
-    y, _ = torch.ops.peftkern.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, draw_seed(dropout_p))
-    return y
+    return lora_linear_checked(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p))

@@ -74,7 +74,7 @@ class _LoraLinearGroup(torch.autograd.Function):
 
 
 def _one_by_one(x, members):
-    return [_lora.lora_linear(x, *m) for m in members]
+    return [_lora.lora_linear_checked(x, *m) for m in members]
 
 
 def lora_linear_group(x: Tensor, members) -> list[Tensor]:
@@ -91,6 +91,12 @@ def lora_linear_group(x: Tensor, members) -> list[Tensor]:
         if len(m) != 6:
             raise ValueError("lora_linear_group: each member is (weight, bias, lora_A, lora_B, scaling, dropout_p)")
         _validate.lora_linear(x, *m)
+    return lora_linear_group_checked(x, [(*m[:4], float(m[4]), float(m[5])) for m in members])
+
+
+def lora_linear_group_checked(x: Tensor, members: list) -> list[Tensor]:
+    """`lora_linear_group` for a caller that has checked every member as `lora_linear` checks its arguments, with
+    float scaling and dropout_p (the integrations' plans)."""
     if not _lora._eager(x):
         return _one_by_one(x, members)
     r = max(m[2].shape[0] for m in members)
@@ -98,12 +104,12 @@ def lora_linear_group(x: Tensor, members) -> list[Tensor]:
     limit = max_rank(fwd) if fwd else None
     if not fwd or len(members) == 1 or (limit is not None and r > limit):
         return _one_by_one(x, members)  # an explicit cuda request or ranks past the group kernels: per member
-    scalings = tuple(float(m[4]) for m in members)
-    ps = tuple(float(m[5]) for m in members)
+    scalings = tuple(m[4] for m in members)
+    ps = tuple(m[5] for m in members)
     seed_ts = [_lora.draw_seed(p) for p in ps]
     seeds = tuple(0 if s is None else int(s) for s in seed_ts)
     tensors = [t for m in members for t in m[:4]]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
         return list(_LoraLinearGroup.apply(x, (scalings, ps, seeds, fwd, bwd), *tensors))
-    ys, _ = _impls(fwd)[0](_lora._rows(x), [(*m[:4], s, p) for m, s, p in zip(members, scalings, ps)], seeds)
+    ys, _ = _impls(fwd)[0](_lora._rows(x), members, seeds)
     return [y if x.dim() == 2 else own(y, (*x.shape[:-1], y.shape[-1])) for y in ys]

@@ -48,13 +48,13 @@ def group_names(model):
 @pytest.fixture
 def group_calls(monkeypatch):
     calls = []
-    real = group_ops.lora_linear_group
+    real = group_ops.lora_linear_group_checked
 
     def counting(x, members):
         calls.append(len(members))
         return real(x, members)
 
-    monkeypatch.setattr(group_ops, "lora_linear_group", counting)
+    monkeypatch.setattr(group_ops, "lora_linear_group_checked", counting)
     return calls
 
 

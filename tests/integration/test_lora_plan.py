@@ -40,8 +40,8 @@ def x():
 
 def _fused_calls(monkeypatch):
     calls = []
-    real = lora_ops.lora_linear
-    monkeypatch.setattr(lora_ops, "lora_linear", lambda *a: calls.append(1) or real(*a))
+    real = lora_ops.lora_linear_checked  # what the integration calls (its plan has checked the arguments)
+    monkeypatch.setattr(lora_ops, "lora_linear_checked", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -101,6 +101,42 @@ def test_dtype_change_after_the_first_call_falls_back(x, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="peftkern"):
         _same(plain, ours, x.double())
     assert any("float64" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("change", ["narrow lora_A in place", "lora_B to float16", "p = 1"])
+def test_weight_changes_in_place_are_caught_before_the_op(x, change, monkeypatch, caplog):
+    """The op's per-call checks of the weights run once per layer state: an in-place change of a weight's shape or
+    dtype (same Parameter object) makes a new plan that refuses it; the dropout p is checked per call."""
+    monkeypatch.setenv("PEFTKERN_STRICT", "0")
+    _, ours = _pair()
+    layer = lora_layers(ours)[0]
+    layer(x)
+    real = lora_ops.lora_linear_checked
+
+    def refuse(*a):
+        pytest.fail("the op ran on a changed layer")
+
+    monkeypatch.setattr(lora_ops, "lora_linear_checked", refuse)
+    if change == "p = 1":
+        layer.lora_dropout["default"] = nn.Dropout(0.5)
+        layer.train()
+        monkeypatch.setattr(lora_ops, "lora_linear_checked", real)
+        layer(x)
+        monkeypatch.setattr(lora_ops, "lora_linear_checked", refuse)
+        layer.lora_dropout["default"].p = 1.0
+        with caplog.at_level(logging.WARNING, logger="peftkern"):
+            assert not layer(x).isnan().any()  # peft's forward: p=1 drops the whole LoRA term
+        assert any("dropout probability 1.0" in r.getMessage() for r in caplog.records)
+        return
+    if change == "narrow lora_A in place":
+        w = layer.lora_A["default"].weight
+        w.data = w.data[:, :16]  # same storage start, another shape
+    else:
+        w = layer.lora_B["default"].weight
+        w.data = w.data.half()
+    with caplog.at_level(logging.WARNING, logger="peftkern"), pytest.raises(Exception):  # noqa: B017
+        layer(x)  # peft's own forward, which cannot run on such weights either
+    assert any("runs peft's forward" in r.getMessage() for r in caplog.records)
 
 
 def test_dropout_probability_change_is_read_per_call(x):

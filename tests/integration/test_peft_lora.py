@@ -25,7 +25,7 @@ peft = pytest.importorskip("peft")
 def op_calls(monkeypatch):
     """Counts calls of the fused op made by accelerated layers."""
     calls = []
-    real = lora_ops.lora_linear
+    real = lora_ops.lora_linear_checked  # what the integration calls (its plan has checked the arguments)
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
@@ -35,9 +35,9 @@ def op_calls(monkeypatch):
         calls.extend(x.shape for _ in members)  # a projection group: one fused call for each member
         return real_group(x, members)
 
-    real_group = group_ops.lora_linear_group
-    monkeypatch.setattr(lora_ops, "lora_linear", counting)
-    monkeypatch.setattr(group_ops, "lora_linear_group", counting_group)
+    real_group = group_ops.lora_linear_group_checked
+    monkeypatch.setattr(lora_ops, "lora_linear_checked", counting)
+    monkeypatch.setattr(group_ops, "lora_linear_group_checked", counting_group)
     return calls
 
 
@@ -88,8 +88,8 @@ def test_parity_with_peft(arch, mode, op_calls):
 def test_conv1d_weight_is_passed_as_a_view(op_calls, monkeypatch):
     """GPT-2's Conv1D stores (in, out): the op gets the transposed view, no copy per call."""
     seen = []
-    real = lora_ops.lora_linear
-    monkeypatch.setattr(lora_ops, "lora_linear", lambda x, w, *a: seen.append(w) or real(x, w, *a))
+    real = lora_ops.lora_linear_checked
+    monkeypatch.setattr(lora_ops, "lora_linear_checked", lambda x, w, *a: seen.append(w) or real(x, w, *a))
     model = lora_model("gpt2")
     accelerate(model)
     model(**batch("gpt2"))
