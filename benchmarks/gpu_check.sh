@@ -212,8 +212,9 @@ if want cuda; then
   DEADLINE=$(( $(date +%s) + ${CUDA_BUDGET:-540} )); (( DEADLINE > T0 + 590 )) && DEADLINE=$((T0 + 590))
   export PEFTKERN_NO_BUILD=0
   run_step cuda_build 300 plain "${PYRUN[@]}" peftkern.cli build
-  run_step cuda_tests 150 pytest env PEFTKERN_TUNE=0 "${PYRUN[@]}" "${PYTEST[@]}" -k cuda \
-    tests/test_lora.py tests/test_ia3.py tests/test_adapter.py tests/test_prefix.py --junitxml="$OUT/cuda_tests.xml"
+  run_step cuda_tests 150 pytest env PEFTKERN_TUNE=0 PEFTKERN_TEST_CACHE_DIR="$PEFTKERN_CACHE_DIR" "${PYRUN[@]}" \
+    "${PYTEST[@]}" tests/test_lora_cuda.py tests/test_ia3_cuda.py tests/test_adapter_cuda.py tests/test_prefix_cuda.py \
+    -k cuda tests/test_ia3.py --junitxml="$OUT/cuda_tests.xml"
   run_step cuda_bench 120 bench "${PYRUN[@]}" peftkern.cli bench lora ia3 adapter prefix --no-compile "${DEV[@]}" \
     --json "$(bench_json cuda)"
 fi

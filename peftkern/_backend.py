@@ -80,8 +80,11 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     device type has no autocast, e.g. meta)."""
     # torch.compile on torch 2.11 cannot trace is_autocast_available (a graph break); the device types it
     # compiles for (cpu, cuda) have autocast, so the check is only needed in eager mode (meta tensors).
-    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
-        return None
+    if not torch.compiler.is_compiling():
+        if not torch._C._is_any_autocast_enabled():  # the common eager case in one call
+            return None
+        if not torch.amp.is_autocast_available(device_type):
+            return None
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
@@ -168,22 +171,16 @@ def dispatch(op: str, device: torch.device, impls: dict[str, Callable[[], str | 
     raise BackendUnavailable(f"peftkern.{op}: no backend can take this call: {reasons}")
 
 
-_choices: dict[tuple, str] = {}
+_ENV_KEYS = (b"PEFTKERN_BACKEND", b"PEFTKERN_STRICT", b"TRITON_INTERPRET")
 
 
-def dispatch_mode() -> tuple[bool, bool]:
-    """(strict, interpreting): part of every cached_dispatch key (they change what dispatch may return)."""
-    return _env("PEFTKERN_STRICT", "0") == "1", _env("TRITON_INTERPRET", "0") == "1"
-
-
-def cached_dispatch(key: tuple, choose: Callable[[], str]) -> str:
-    """`choose()` (a `dispatch` call whose answer depends only on `key`) once per key. The key must hold
-    `dispatch_mode()` and must not cover the cuda backend where its answer depends on whether the
-    extension is loaded yet."""
-    name = _choices.get(key)
-    if name is None:
-        name = _choices[key] = choose()
-    return name
+def choice_key():
+    """Everything a backend choice depends on besides the device and the op: the use_backend request and the raw
+    PEFTKERN_BACKEND / PEFTKERN_STRICT / TRITON_INTERPRET values. Cheap enough to build per call (an eager op
+    looks its backends up by it instead of choosing them again)."""
+    if _ENV is None:
+        return _requested.get(), *(os.environ.get(k.decode()) for k in _ENV_KEYS)
+    return _requested.get(), _ENV.get(_ENV_KEYS[0]), _ENV.get(_ENV_KEYS[1]), _ENV.get(_ENV_KEYS[2])
 
 
 def _note_fallback(op: str, req: str, chosen: str, reasons: list[tuple[str, str]], device) -> None:

@@ -35,7 +35,7 @@ def ext(monkeypatch):
     monkeypatch.setattr(_ext, "available", fake.available)
     monkeypatch.setattr(_backend, "triton_unavailable", lambda device: None)
     monkeypatch.setattr(_backend, "_logged", set())  # each test sees its own fallback log lines
-    monkeypatch.setattr(_backend, "_choices", {})  # and its own eager-path choices
+    monkeypatch.setattr(lora, "_eager_backends", {})  # and its own eager-path choices
     monkeypatch.setenv("PEFTKERN_STRICT", "1")
     return fake
 

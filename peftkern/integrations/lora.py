@@ -186,15 +186,13 @@ def _input_why_not(plan: _Plan, layer, x, args, kwargs, cdt) -> str | None:
         return "input is not a float tensor"
     if x.shape[-1] != plan.in_features:
         return f"input has {x.shape[-1]} features, the layer takes {plan.in_features}"
-    a_w = plan.lora_a._parameters["weight"]
-    dev = w.device
-    if x.device != dev or a_w.device != dev:
+    if x.device != w.device:  # the plan has checked that the adapters are on the base weight's device
         return "input, base weight and adapters are on different devices"
     if cdt is not None:
         return None if cdt in FLOATS else "autocast to an unsupported dtype"
     if x.dtype != w.dtype:
         return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
-    if x.dtype != a_w.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+    if x.dtype != plan.lora_a._parameters["weight"].dtype and not getattr(layer, "cast_input_dtype_enabled", True):
         return "input dtype casting disabled (peft.helpers.disable_input_dtype_casting)"
     s = layer.scaling[plan.active[0]]
     if isinstance(s, bool) or not isinstance(s, (int, float)):

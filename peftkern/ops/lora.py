@@ -175,19 +175,26 @@ def _eager(x: Tensor) -> bool:
             and not torch._C._get_tracing_state() and not torch._C._are_functorch_transforms_active())
 
 
+_eager_backends: dict[tuple, tuple[str, str]] = {}
+
+
 def _backends(device, r: int) -> tuple[str, str]:
-    """(forward, backward) backend for an eager call, chosen as the op chooses them and cached per (device,
-    request, mode): no backend's choice depends on the rank `r` any more (kept for callers that pass it);
-    ("", ...) for an explicit cuda request, whose decode kernel depends on M."""
+    """(forward, backward) backend for an eager call, chosen as the op chooses them, once per (device, request,
+    environment) (no choice depends on the rank `r` any more); ("", ...) for an explicit cuda request, whose
+    decode kernel depends on M."""
+    key = (device, _backend.choice_key())
+    got = _eager_backends.get(key)
+    if got is None:
+        got = _eager_backends[key] = _choose_backends(device, r)
+    return got
+
+
+def _choose_backends(device, r: int) -> tuple[str, str]:
     req = _backend.requested_backend()
     if req == "cuda":
         return "", "triton"  # the LoRA backward has no CUDA C++ kernel: the cuda backend runs Triton's
-    mode = _backend.dispatch_mode()
-    fwd = _backend.cached_dispatch(("lora_linear", device, req, mode), lambda: _backend.dispatch(
-        "lora_linear", device, _eager_fwd_backends(r, req), requested=req))
-    bwd = _backend.cached_dispatch(("lora_linear_backward", device, req, mode), lambda: _backend.dispatch(
-        "lora_linear_backward", device, _bwd_backends(r), requested=req))
-    return fwd, bwd
+    fwd = _backend.dispatch("lora_linear", device, _eager_fwd_backends(r, req), requested=req)
+    return fwd, _backend.dispatch("lora_linear_backward", device, _bwd_backends(r), requested=req)
 
 
 def _eager_fwd_backends(r: int, req: str):
