@@ -1,0 +1,8 @@
+"""`python -m peftkern.report ...`: the same as `peftkern report ...`."""
+
+import sys
+
+from . import main
+
+if __name__ == "__main__":
+    sys.exit(main())
