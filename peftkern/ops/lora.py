@@ -211,24 +211,31 @@ def _rows(t: Tensor) -> Tensor:
 class _LoraLinearEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, seed_t, fwd_backend, bwd_backend):
-        y, t = _fwd_impl(fwd_backend)(_rows(x), weight, bias, lora_A, lora_B, scaling, p, seed)
-        # The seed tensor is saved as the op saves it, so both paths keep the same bytes for backward.
-        ctx.save_for_backward(x, weight, lora_A, lora_B, t, seed_t)
+        keep = None
+        if fwd_backend == bwd_backend == "torch" and p > 0.0:
+            # The torch backend keeps its bool mask (1 byte per element of x) rather than draw it again in backward:
+            # on the host a draw costs more than the kernels' regeneration does on a GPU.
+            y, t, keep = ref.lora_linear_fwd(_rows(x), weight, bias, lora_A, lora_B, scaling, p, seed, want_keep=True)
+        else:
+            y, t = _fwd_impl(fwd_backend)(_rows(x), weight, bias, lora_A, lora_B, scaling, p, seed)
+        # The seed tensor is saved as the op saves it, so both paths keep the same bytes for backward (but the mask).
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, seed_t, keep)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, p, seed, bwd_backend
         ctx.has_bias = bias is not None
         return y if x.dim() == 2 else own(y, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, t, _ = ctx.saved_tensors
+        x, weight, lora_A, lora_B, t, _, keep = ctx.saved_tensors
         need_dx, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dx = d_a = d_b = None
         if need_dx or need_a or need_bb:
             dy2d = _rows(dy)
             if not dy2d.is_contiguous():
                 dy2d = dy2d.contiguous()
-            dx, d_a, d_b = _bwd_impl(ctx.backend)(dy2d, _rows(x), weight, lora_A, lora_B, t, ctx.scaling,
-                                                  ctx.dropout_p, ctx.seed, need_dx, need_a or need_bb)
+            args = (dy2d, _rows(x), weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, ctx.seed, need_dx,
+                    need_a or need_bb)
+            dx, d_a, d_b = ref.lora_linear_bwd(*args, keep=keep) if keep is not None else _bwd_impl(ctx.backend)(*args)
             if need_dx and x.dim() != 2:
                 dx = dx.reshape(x.shape)
         return (dx, *_base_grads(dy, x, need_w, need_b and ctx.has_bias), d_a if need_a else None,

@@ -40,9 +40,13 @@ class _LoraLinearGroup(torch.autograd.Function):
         scalings, ps, seeds, fwd, bwd = spec
         members = [(*tensors[4 * g:4 * g + 4], scalings[g], ps[g]) for g in range(len(scalings))]
         x2d = _lora._rows(x)
-        ys, ts = _impls(fwd)[0](x2d, members, seeds)
+        keeps = []
+        if fwd == bwd == "torch" and any(ps):  # the torch backend keeps its masks (see ops/lora.py)
+            ys, ts, keeps = ref.lora_linear_group_fwd(x2d, members, seeds, want_keep=True)
+        else:
+            ys, ts = _impls(fwd)[0](x2d, members, seeds)
         ctx.set_materialize_grads(False)  # an output nobody used brings no gradient: its member is skipped
-        ctx.save_for_backward(x, *tensors[0::4], *tensors[2::4], *tensors[3::4], *ts)
+        ctx.save_for_backward(x, *tensors[0::4], *tensors[2::4], *tensors[3::4], *ts, *keeps)
         ctx.spec = spec
         ctx.has_bias = [b is not None for b in tensors[1::4]]
         lead = x.shape[:-1]
@@ -53,7 +57,7 @@ class _LoraLinearGroup(torch.autograd.Function):
         scalings, ps, seeds, _, bwd = ctx.spec
         n = len(scalings)
         x, *saved = ctx.saved_tensors
-        ws, a_s, b_s, ts = saved[:n], saved[n:2 * n], saved[2 * n:3 * n], saved[3 * n:]
+        ws, a_s, b_s, ts, keeps = saved[:n], saved[n:2 * n], saved[2 * n:3 * n], saved[3 * n:4 * n], saved[4 * n:]
         need = ctx.needs_input_grad
         need_dx = need[0]
         need_ab = any(need[2 + 4 * g + 2] or need[2 + 4 * g + 3] for g in range(n))
@@ -61,7 +65,8 @@ class _LoraLinearGroup(torch.autograd.Function):
         dx, d_as, d_bs = None, [None] * n, [None] * n
         if need_dx or need_ab:
             members = [(ws[g], None, a_s[g], b_s[g], scalings[g], ps[g]) for g in range(n)]
-            dx, d_as, d_bs = _impls(bwd)[1](dys2d, _lora._rows(x), members, ts, seeds, need_dx, need_ab)
+            args = (dys2d, _lora._rows(x), members, ts, seeds, need_dx, need_ab)
+            dx, d_as, d_bs = ref.lora_linear_group_bwd(*args, keeps=keeps) if keeps else _impls(bwd)[1](*args)
             if dx is not None and x.dim() != 2:
                 dx = dx.reshape(x.shape)
         grads = [dx if need_dx else None, None]

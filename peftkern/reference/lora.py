@@ -30,10 +30,24 @@ def dropout_keep(shape, p: float, seed: int, device) -> torch.Tensor:
 
 
 def _keep(shape, device: torch.device, p: float, seed: int) -> torch.Tensor:
-    """The keep-mask for `seed` as fp32 1.0 (kept) / 0.0 (one bernoulli_ call: the cheapest draw on the host)."""
+    """The bool keep-mask for `seed` (one bernoulli_ call: the cheapest draw on the host)."""
     g = _generator(device)
-    g.manual_seed(int(seed))
-    return torch.empty(shape, dtype=torch.float32, device=device).bernoulli_(1.0 - p, generator=g)
+    g.manual_seed(seed)
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=g)
+
+
+_zeros: dict = {}  # (device, dtype) -> a 0-dim zero: addmm's ignored input (beta=0), so alpha scales in the same call
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha · a b in one call."""
+    if alpha == 1.0:
+        return torch.mm(a, b)
+    key = (a.device, a.dtype)
+    zero = _zeros.get(key)
+    if zero is None:
+        zero = _zeros[key] = torch.zeros((), device=a.device, dtype=a.dtype)
+    return torch.addmm(zero, a, b, beta=0, alpha=alpha)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, keep=None, dropout_p=0.0):
@@ -53,19 +67,19 @@ def lora_linear_composed(x, weight, bias, lora_A, lora_B, scaling):
     return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
 
 
-def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
-    """Returns (y, t) with t = drop(x) Aᵀ in float32, saved for backward."""
-    xd = x2d if p == 0.0 else x2d * _keep(x2d.shape, x2d.device, p, seed)
+def lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, want_keep=False):
+    """Returns (y, t) with t = drop(x) Aᵀ in float32, saved for backward; with want_keep, (y, t, keep) with the
+    bool keep-mask (None without dropout) for a backward that takes it instead of drawing it again."""
+    keep = None if p == 0.0 else _keep(x2d.shape, x2d.device, p, seed)
+    xd = x2d if keep is None else x2d * keep
+    inv_keep = 1.0 / (1.0 - p)
     if x2d.dtype == lora_A.dtype == torch.float32:  # the common CPU case, in as few calls as possible
-        t = torch.mm(xd, lora_A.t())
-        if p != 0.0:
-            t.mul_(1.0 / (1.0 - p))
-        return F.linear(x2d, weight, bias).addmm_(t, lora_B.t(), alpha=scaling), t
-    # A half base: the skinny LoRA products in fp32 (as the kernels compute them), one rounding at the end.
-    t = torch.mm(_f32(xd), _f32(lora_A).t())
-    if p != 0.0:
-        t.mul_(1.0 / (1.0 - p))
-    return F.linear(x2d, weight, bias).float().addmm_(t, _f32(lora_B).t(), alpha=scaling).to(x2d.dtype), t
+        t = _mm(xd, lora_A.t(), inv_keep)
+        y = F.linear(x2d, weight, bias).addmm_(t, lora_B.t(), alpha=scaling)
+    else:  # a half base: the skinny LoRA products in fp32 (as the kernels compute them), one rounding at the end
+        t = _mm(_f32(xd), _f32(lora_A).t(), inv_keep)
+        y = F.linear(x2d, weight, bias).float().addmm_(t, _f32(lora_B).t(), alpha=scaling).to(x2d.dtype)
+    return (y, t, keep) if want_keep else (y, t)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -76,19 +90,22 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_dx, need_ab=True):
-    """Returns (dx or None, dA or None, dB or None). The dropout mask is drawn once and used for dA and dx."""
+def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_dx, need_ab=True, keep=None):
+    """Returns (dx or None, dA or None, dB or None). The dropout mask (`keep`, or drawn again from the seed) serves
+    dA and dx."""
     dyf = _f32(dy)
-    dt = torch.mm(dyf, _f32(lora_B)).mul_(scaling)
-    xf = _f32(x2d)
-    keep = None if p == 0.0 else _keep(x2d.shape, x2d.device, p, seed).mul_(1.0 / (1.0 - p))
+    dt = _mm(dyf, _f32(lora_B), scaling)
+    if keep is None and p != 0.0:
+        keep = _keep(x2d.shape, x2d.device, p, seed)
+    inv_keep = 1.0 / (1.0 - p)
     d_a = d_b = None
     if need_ab:
-        d_b = _as(torch.mm(dyf.t(), t).mul_(scaling), lora_B.dtype)
-        d_a = _as(torch.mm(dt.t(), xf if keep is None else xf * keep), lora_A.dtype)
+        d_b = _as(_mm(dyf.t(), t, scaling), lora_B.dtype)
+        xf = _f32(x2d)
+        d_a = _as(_mm(dt.t(), xf if keep is None else xf * keep, inv_keep), lora_A.dtype)
     dx = None
     if need_dx:
-        lora_dx = torch.mm(dt, _f32(lora_A))
+        lora_dx = _mm(dt, _f32(lora_A), inv_keep)
         if keep is not None:
             lora_dx.mul_(keep)
         dx = lora_dx.addmm_(dy, weight) if dy.dtype == torch.float32 else (torch.mm(dy, weight).float() + lora_dx)

@@ -245,3 +245,18 @@ def test_no_grad_forward_draws_the_grad_forwards_mask(backend):
         torch.manual_seed(3)
         y1 = lora_ops.lora_linear(x, w, None, a, b, 0.5, 0.4)
     torch.testing.assert_close(y0, y1.detach())
+
+
+def test_torch_backend_draws_its_mask_once(monkeypatch):
+    """On the torch backend the eager path keeps its bool mask for backward (one draw per call, not two); the op
+    path regenerates it from the seed, and both give the same gradients (test_eager_and_op_paths_agree)."""
+    from peftkern.reference import lora as ref
+
+    draws = []
+    real = ref._keep
+    monkeypatch.setattr(ref, "_keep", lambda *a: draws.append(1) or real(*a))
+    x = torch.randn(5, 16, requires_grad=True)
+    w, a, b = torch.randn(8, 16), torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    with peftkern.use_backend("torch"):
+        lora_ops.lora_linear(x, w, None, a, b, 0.5, 0.3).sum().backward()
+    assert len(draws) == 1
