@@ -154,16 +154,21 @@ def _no_value_checks() -> Iterator[None]:
 
 
 class _OpCount(TorchDispatchMode):
-    """Counts calls of peftkern's forward ops (`peftkern::<name>`, backward ops excluded)."""
+    """Counts calls of peftkern's forward ops (`peftkern::<name>`, backward ops excluded), and on a CPU target the
+    bool dropout mask the torch backend's eager LoRA path keeps beside what the op saves (ops/lora.py)."""
 
-    def __init__(self):
+    def __init__(self, target: str):
         super().__init__()
         self.calls: collections.Counter = collections.Counter()
+        self.target = target
+        self.extra_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         ns, _, name = func._schema.name.partition("::")
         if ns == "peftkern" and not name.endswith("_backward"):
             self.calls[name] += 1
+            if name == "lora_linear" and self.target == "cpu" and args[6] > 0.0:
+                self.extra_bytes += args[0].numel()
         return func(*args, **(kwargs or {}))
 
 
@@ -185,7 +190,7 @@ def traced_activation_bytes(model: nn.Module, config, batch: int, seq: int, targ
     inputs = example_inputs(config, batch, seq, device="meta")
     model.train()
     token = _TARGET.set(target)
-    count = _OpCount()
+    count = _OpCount(target)
     try:
         with (_cuda_dropouts(model) if target == "cuda" else contextlib.nullcontext()), _no_value_checks(), \
                 count, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), warnings.catch_warnings():
@@ -196,4 +201,4 @@ def traced_activation_bytes(model: nn.Module, config, batch: int, seq: int, targ
         _TARGET.reset(token)
     if calls is not None:
         calls.update(count.calls)
-    return sum(seen.values())
+    return sum(seen.values()) + count.extra_bytes
