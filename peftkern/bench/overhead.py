@@ -166,7 +166,7 @@ def _check_layer(layer, case: Case, x0) -> dict:
 
 
 def _step_rows(device, dtype, rounds: int, progress) -> list[dict]:
-    from .. import accelerate, restore
+    from .. import accelerate, projection_groups, restore
     from .e2e import Case as E2ECase
     from .e2e import build
 
@@ -189,17 +189,18 @@ def _step_rows(device, dtype, rounds: int, progress) -> list[dict]:
                 accelerate(model)  # a class swap per layer when needed: cheap, and outside the timed block
             else:
                 restore(model)
+            step()  # untimed: the first forward after accelerate forms the projection groups
         return call
 
     shape = dict(layers=case.layers, hidden=case.hidden, tokens=case.batch * case.seq, r=case.r, dropout=case.p,
                  dtype=str(dtype).split(".")[-1])
     summary = accelerate(model)
     checked = e2e(model, ids, reference)
+    groups = len(projection_groups(model))  # formed by that first forward
     restore(model)
     times: dict[str, list[float]] = {"peft": [], "peftkern": []}
     for fused in (False, True):  # warm-up
         as_provider(fused)()
-        step()
     _, sleep_s = _calls_per_block([step], device)
     for _ in range(rounds):
         for name, fused in (("peft", False), ("peftkern", True)):
@@ -212,7 +213,7 @@ def _step_rows(device, dtype, rounds: int, progress) -> list[dict]:
     for name, t in times.items():
         row = dict(op="overhead", case=case.name, provider=name, full=_summary(t)) | shape
         if name == "peftkern":
-            row |= checked | {"fused_layers": f"{summary.fused_now}/{summary.lora_layers}"}
+            row |= checked | {"fused_layers": f"{summary.fused_now}/{summary.lora_layers}", "groups": groups}
         rows.append(row)
     return rows
 
