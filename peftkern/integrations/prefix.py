@@ -15,6 +15,11 @@ on the fused op:
   peft's own path. Its DynamicCache holds [prefix ; sequence] per layer; the attention function
   splits that into views (no copy) for the kernel.
 
+Attention dropout: the fused kernels have none. `why_not` leaves a model whose attention modules carry a
+dropout > 0 to peft (the reason goes into accelerate's summary); dropout set on the modules after
+`accelerate` makes each training-mode attention call fall back to peft's math (SDPA over the concatenated
+prefix, dropout included) with the reason (logged once, raised under PEFTKERN_STRICT=1).
+
 `disable_adapter()` switches the attention back to the model's own for its duration.
 """
 
@@ -29,7 +34,8 @@ import warnings
 import torch
 
 from ..ops.prefix import prefix_attention
-from . import _swap
+from ..reference import prefix as ref
+from . import _swap, checks
 
 log = logging.getLogger("peftkern")
 
@@ -46,9 +52,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     """transformers attention interface: query (B, H, L, D); key/value (B, Hkv, S, D) with the prefix in
     kwargs[KWARG], or (B, Hkv, P + S, D) with the P prefix positions first (a cache from peft's
     get_prompt); attention_mask the 2-D padding mask (B, ≥ S) or None."""
-    if dropout:
-        raise ValueError(f"{NAME} attention has no attention dropout (got {dropout}): set the model's "
-                         "attention dropout to 0")
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{NAME} attention does not support softcap")
     kv = kwargs.get(KWARG)
@@ -60,6 +63,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             raise RuntimeError(f"{NAME} attention: module {type(module).__name__} got no prefix; use "
                                "peftkern.accelerate(peft_model) and call the PeftModel")
         pk, pv, key, value = key[:, :, :P], value[:, :, :P], key[:, :, P:], value[:, :, P:]
+    if dropout:  # set after accelerate (which leaves a model with attention dropout to peft)
+        checks.note_fallback(f"attention dropout {dropout} set after peftkern.accelerate (the fused prefix "
+                             "kernels have no attention dropout)", "prefix-tuning attention")
+        return _concat_attention(module, query, key, value, pk, pv, attention_mask, dropout, scaling, is_causal,
+                                 kwargs)
     if (pk.shape[-3], pk.shape[-1]) != (key.shape[1], key.shape[3]):
         raise ValueError(f"{NAME} attention: prefix {tuple(pk.shape)} does not match keys {tuple(key.shape)} "
                          "(PrefixTuningConfig num_attention_heads / token_dim vs the model's KV heads)")
@@ -77,6 +85,35 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     out = prefix_attention(query, key, value, pk.to(key.dtype), pv.to(value.dtype), causal=bool(is_causal),
                            key_padding_mask=pad, softmax_scale=scaling)
     return out.transpose(1, 2), None
+
+
+def _concat_attention(module, query, key, value, pk, pv, attention_mask, dropout, scaling, is_causal, kwargs):
+    """peft's math: SDPA (transformers' sdpa_attention_forward, dropout included) over the prefix expanded
+    to the batch and concatenated before the keys, with the (B, 1, L, P + S) boolean mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, L, S = query.shape[0], query.shape[2], key.shape[2]
+    pk, pv = (t.to(key.dtype).expand(B, *t.shape[-3:]) for t in (pk, pv))
+    pad = None if attention_mask is None else attention_mask[:, -S:].bool()
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    mask = ref.full_mask(L, S, pk.shape[-2], causal, pad, B, query.device)
+    if mask is not None:
+        mask = mask.expand(B, 1, L, pk.shape[-2] + S)
+    rest = {k: v for k, v in kwargs.items() if k not in (KWARG, "is_causal")}
+    return sdpa_attention_forward(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), mask,
+                                  dropout=dropout, scaling=scaling, is_causal=False, **rest)
+
+
+def attention_dropout(module) -> float:
+    """The attention dropout probability `module` passes to its attention function in training mode
+    (transformers' attention modules keep it as `attention_dropout` / `dropout`, a float, or GPT-2's
+    `attn_dropout`, an nn.Dropout)."""
+    for name in ("attention_dropout", "attn_dropout", "dropout"):
+        p = getattr(module, name, None)
+        p = getattr(p, "p", p)
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
+            return float(p)
+    return 0.0
 
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -142,7 +179,12 @@ def why_not(peft_model) -> str | None:
         return "encoder-decoder prefix-tuning"
     if not getattr(base, "_supports_attention_backend", False):
         return f"prefix-tuning on {type(base).__name__}, whose attention does not use transformers' interface"
-    idx = sorted(m.layer_idx for m in _attention_modules(base))
+    mods = _attention_modules(base)
+    drop = max((attention_dropout(m) for m in mods), default=0.0)
+    if drop > 0:
+        return (f"prefix-tuning on {type(base).__name__} with attention dropout {drop} (the fused prefix kernels "
+                "have none; set the model's attention dropout to 0 to fuse)")
+    idx = sorted(m.layer_idx for m in mods)
     if idx != list(range(cfg.num_layers)):
         return (f"prefix-tuning on {type(base).__name__}: attention layers {idx} do not map one to one onto "
                 f"the prefix's {cfg.num_layers} layers")

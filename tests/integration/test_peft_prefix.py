@@ -330,20 +330,6 @@ def test_prompt_tuning_keeps_peft_path(caplog):
         integ.accelerate(model)
 
 
-def test_attention_dropout_is_refused():
-    torch.manual_seed(0)
-    base = _base("gpt2").to(DEVICE)
-    base.config.attn_pdrop = 0.1
-    for mod in base.modules():
-        if hasattr(mod, "attn_dropout"):
-            mod.attn_dropout.p = 0.1
-    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
-    peftkern.accelerate(model)
-    ids, _ = _inputs()
-    with pytest.raises(ValueError, match="no attention dropout"):
-        model(input_ids=ids)
-
-
 def test_compiles_to_one_graph(op_calls):
     """No graph break in the accelerated training forward (the padding mask is passed as is, never
     tested for all-ones), and the compiled step equals the eager one."""
