@@ -223,13 +223,13 @@ def test_ia3_backward_follows_the_request(ext, monkeypatch):
     """IA3's backward has a CUDA path: a cuda request reaches it, and falls back to Triton (strict: raises)
     when the extension is not there."""
     with _backend.use_backend("cuda"):
-        assert _backend.dispatch("ia3_linear_backward", CUDA, ia3._BWD_BACKENDS) == "cuda"
+        assert _backend.dispatch("ia3_linear_backward", CUDA, ia3._bwd_backends()) == "cuda"
     ext.ok, ext.why = False, "not built (fake)"
     with _backend.use_backend("cuda"), pytest.raises(_backend.BackendUnavailable, match=r"not built \(fake\)"):
-        _backend.dispatch("ia3_linear_backward", CUDA, ia3._BWD_BACKENDS)
+        _backend.dispatch("ia3_linear_backward", CUDA, ia3._bwd_backends())
     monkeypatch.setenv("PEFTKERN_STRICT", "0")
     with _backend.use_backend("cuda"):
-        assert _backend.dispatch("ia3_linear_backward", CUDA, ia3._BWD_BACKENDS) == "triton"
+        assert _backend.dispatch("ia3_linear_backward", CUDA, ia3._bwd_backends()) == "triton"
 
 
 # ---------------------------------------------------------------------------------------------- prefix

@@ -37,7 +37,8 @@ def _triton():
     return tri
 
 
-_BWD_BACKENDS = {"torch": lambda: None, "triton": lambda: None, "cuda": lambda: None}
+def _bwd_backends():
+    return {"torch": lambda: None, "triton": lambda: None, "cuda": lambda: None}
 
 
 def _fwd_backends(feedforward: bool):
@@ -118,8 +119,7 @@ def ia3_linear_backward_op(
     _validate.ia3_linear_backward(dy, saved, weight, ia3_l, feedforward, need_dl)
     dy2d = dy.reshape(-1, dy.shape[-1])
     s2d = saved.reshape(-1, saved.shape[-1]) if saved is not None else None
-    with _backend.use_backend(backend):
-        name = _backend.dispatch("ia3_linear_backward", dy.device, _BWD_BACKENDS)
+    name = _backend.dispatch("ia3_linear_backward", dy.device, _bwd_backends(), requested=backend)
     impl = {"cuda": _cuda_bwd, "triton": lambda *a: _triton().ia3_linear_bwd(*a)}.get(name, ref.ia3_linear_bwd)
     dx, dl = impl(dy2d, s2d, weight, _unit(ia3_l) if name == "triton" else ia3_l, feedforward, need_dx, need_dl)
     dx = own(dx, (*dy.shape[:-1], weight.shape[1])) if need_dx else dy.new_empty((0,))
@@ -146,7 +146,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(saved, x_for_dw, weight, ia3_l)
     ctx.feedforward = feedforward
     ctx.has_bias = bias is not None
-    ctx.backend = _backend.requested_backend()
+    ctx.backend = _backend.backward_backend(cuda_backward=True)  # IA3 has a CUDA backward (_cuda_bwd)
 
 
 def _backward(ctx, dy):
