@@ -172,8 +172,8 @@ def _state_why_not_call(layer) -> str | None:
     return _layer_why_not(layer, active) if active else ""
 
 
-def _input_why_not(plan: _Plan, layer, x, args, kwargs, cdt) -> str | None:
-    """Why this call (its arguments, input dtype and device, autocast to `cdt`) cannot take the fused path."""
+def _input_why_not(plan: _Plan, layer, x, args, kwargs, compute_dtype) -> str | None:
+    """Why this call (its arguments, input dtype and device, autocast to `compute_dtype`) cannot take the fused path."""
     if args:
         return "extra positional arguments to the LoRA layer"
     for k, v in kwargs.items():
@@ -188,8 +188,8 @@ def _input_why_not(plan: _Plan, layer, x, args, kwargs, cdt) -> str | None:
         return f"input has {x.shape[-1]} features, the layer takes {plan.in_features}"
     if x.device != w.device:  # the plan has checked that the adapters are on the base weight's device
         return "input, base weight and adapters are on different devices"
-    if cdt is not None:
-        return None if cdt in FLOATS else "autocast to an unsupported dtype"
+    if compute_dtype is not None:
+        return None if compute_dtype in FLOATS else "autocast to an unsupported dtype"
     if x.dtype != w.dtype:
         return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
     if x.dtype != plan.lora_a._parameters["weight"].dtype and not getattr(layer, "cast_input_dtype_enabled", True):
@@ -206,8 +206,8 @@ def _input_why_not(plan: _Plan, layer, x, args, kwargs, cdt) -> str | None:
 def _why_not(layer, x, args, kwargs) -> str | None:
     """None: take the fused path. "": peft's forward is only the base layer (adapters disabled / merged / none
     active here), nothing to fuse. Otherwise the reason the fused path cannot take this call."""
-    cdt = _backend.autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
-    return _input_why_not(_plan(layer), layer, x, args, kwargs, cdt)
+    compute_dtype = _backend.autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    return _input_why_not(_plan(layer), layer, x, args, kwargs, compute_dtype)
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -218,14 +218,14 @@ def _fused_forward(self, x, *args, **kwargs):
         if y is not None:
             return y
     plan = _plan(self)
-    cdt = _backend.autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
-    why = _input_why_not(plan, self, x, args, kwargs, cdt)
+    compute_dtype = _backend.autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    why = _input_why_not(plan, self, x, args, kwargs, compute_dtype)
     if why is not None:
         if why:
             note_fallback(why, "LoRA")
         return _swap.base_class(self).forward(self, x, *args, **kwargs)
-    x_in, spec = _operands(plan, self, x, cdt)
-    if cdt is not None:
+    x_in, spec = _operands(plan, self, x, compute_dtype)
+    if compute_dtype is not None:
         with torch.autocast(x.device.type, enabled=False):  # the operands are cast already: no recast inside
             y = _lora_ops.lora_linear_checked(x_in, *spec)
     else:
@@ -241,9 +241,9 @@ def _fused_forward(self, x, *args, **kwargs):
     return y
 
 
-def _operands(plan: _Plan, layer, x, cdt):
+def _operands(plan: _Plan, layer, x, compute_dtype):
     """(x, (weight, bias, lora_A, lora_B, scaling, dropout_p)) as the fused op takes them for this layer's first
-    active adapter. Under autocast to `cdt`, every operand is cast as autocast casts peft's linears."""
+    active adapter. Under autocast to `compute_dtype`, every operand is cast as autocast casts peft's linears."""
     params = plan.base._parameters
     w, b = params["weight"], params["bias"]
     if plan.conv1d:
@@ -253,12 +253,12 @@ def _operands(plan: _Plan, layer, x, cdt):
     drop = plan.drop
     p = float(drop.p) if drop.training and type(drop) is nn.Dropout else 0.0
     lb = plan.lora_b._parameters.get("bias")  # lora_bias=True: s * b_B folds into the base bias of the fused GEMM
-    if cdt is None:
+    if compute_dtype is None:
         return x, (w, _fold_bias(b, lb, s, w.dtype), lora_a, lora_b, s, p)
-    x, w, lora_a, lora_b = x.to(cdt), w.to(cdt), lora_a.to(cdt), lora_b.to(cdt)
-    b = None if b is None else b.to(cdt)
-    lb = None if lb is None else lb.to(cdt)
-    return x, (w, _fold_bias(b, lb, s, cdt), lora_a, lora_b, s, p)
+    x, w, lora_a, lora_b = x.to(compute_dtype), w.to(compute_dtype), lora_a.to(compute_dtype), lora_b.to(compute_dtype)
+    b = None if b is None else b.to(compute_dtype)
+    lb = None if lb is None else lb.to(compute_dtype)
+    return x, (w, _fold_bias(b, lb, s, compute_dtype), lora_a, lora_b, s, p)
 
 
 def _fold_bias(b, lb, s, dtype):

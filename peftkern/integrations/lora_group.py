@@ -76,18 +76,18 @@ class _Group:
         self.pending.clear()
 
     def _compute(self, layer, x):
-        cdt = _backend.autocast_dtype(x.device.type)
+        compute_dtype = _backend.autocast_dtype(x.device.type)
         order = self.live()
         order.remove(layer)
         order.insert(0, layer)  # the caller first: its seed is drawn first, as its own call would draw it
         members, specs, x_in = [], [], None
         for m in order:
             plan = _lora._plan(m)
-            if _lora._input_why_not(plan, m, x, (), {}, cdt) is not None or len(plan.active) != 1:
+            if _lora._input_why_not(plan, m, x, (), {}, compute_dtype) is not None or len(plan.active) != 1:
                 if m is layer:
                     return None
                 continue
-            xm, spec = _lora._operands(plan, m, x, cdt)
+            xm, spec = _lora._operands(plan, m, x, compute_dtype)
             if x_in is not None and (xm.dtype != x_in.dtype or spec[0].dtype != specs[0][0].dtype):
                 continue
             x_in = xm
@@ -95,7 +95,7 @@ class _Group:
             specs.append(spec)
         if len(specs) < 2:
             return None
-        if cdt is not None:
+        if compute_dtype is not None:
             with torch.autocast(x.device.type, enabled=False):
                 ys = _group_ops.lora_linear_group_checked(x_in, specs)
         else:

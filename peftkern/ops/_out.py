@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 
-def own(t: Tensor, shape) -> Tensor:
+def standalone(t: Tensor, shape) -> Tensor:
     """`t` with shape `shape`, as a tensor of its own rather than a view (same storage, no copy when `t`
     is contiguous). Autograd forbids in-place ops on a view returned by a custom op, and a layer's output
     is often modified in place (`y += residual`, `nn.ReLU(inplace=True)`, `g.sigmoid_()`)."""

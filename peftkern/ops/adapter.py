@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import _backend, _validate
 from ..reference import adapter as ref
-from ._out import own
+from ._out import standalone
 
 ACTIVATIONS = ref.ACTIVATIONS
 CUDA_MAX_R = 128
@@ -58,7 +58,7 @@ def bottleneck_adapter_op(
     d = x.shape[-1]
     x2d = x.reshape(-1, d)
     res2d = None if residual is None else residual.reshape(-1, d)
-    cdt = ref.compute_dtype(x.dtype, down_weight.dtype)
+    compute_dtype = ref.compute_dtype(x.dtype, down_weight.dtype)
     backend = _backend.dispatch("bottleneck_adapter", x.device, _fwd_backends(x, down_weight))
     if backend == "cuda":
         c = lambda t: None if t is None else t.contiguous()
@@ -67,18 +67,18 @@ def bottleneck_adapter_op(
             activation, scaling)
     elif backend == "triton":  # the kernel reads the biases with unit stride
         y, z = _triton().bottleneck_adapter_fwd(x2d, down_weight, _unit(down_bias), up_weight, _unit(up_bias), res2d,
-                                                activation, scaling, cdt)
+                                                activation, scaling, compute_dtype)
     else:
         y, z = ref.bottleneck_adapter_fwd(x2d, down_weight, down_bias, up_weight, up_bias, res2d, activation, scaling)
-    return own(y, x.shape), z
+    return standalone(y, x.shape), z
 
 
 @bottleneck_adapter_op.register_fake
 def _(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling):
     _validate.bottleneck_adapter_args(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling)
     m = x.shape[:-1].numel()
-    cdt = ref.compute_dtype(x.dtype, down_weight.dtype)
-    return x.new_empty(x.shape), x.new_empty((m, down_weight.shape[0]), dtype=cdt)
+    compute_dtype = ref.compute_dtype(x.dtype, down_weight.dtype)
+    return x.new_empty(x.shape), x.new_empty((m, down_weight.shape[0]), dtype=compute_dtype)
 
 
 @torch.library.custom_op("peftkern::bottleneck_adapter_backward", mutates_args=())
@@ -94,14 +94,14 @@ def bottleneck_adapter_backward_op(
     dy2d = dy.reshape(-1, d)
     backend = _backend.dispatch("bottleneck_adapter_backward", x.device, _bwd_backends(), requested=backend)
     if backend == "triton":
-        cdt = ref.compute_dtype(x.dtype, down_weight.dtype)
+        compute_dtype = ref.compute_dtype(x.dtype, down_weight.dtype)
         out = _triton().bottleneck_adapter_bwd(dy2d, x2d, z, down_weight, up_weight, activation, scaling,
-                                               has_residual, need_dx, need_params, cdt)
+                                               has_residual, need_dx, need_params, compute_dtype)
     else:
         out = ref.bottleneck_adapter_bwd(dy2d, x2d, z, down_weight, up_weight, activation, scaling, has_residual,
                                          need_dx, need_params)
     dx, *params = out
-    dx = own(dx, x.shape) if need_dx else x.new_empty((0,))
+    dx = standalone(dx, x.shape) if need_dx else x.new_empty((0,))
     params = [p if need_params else down_weight.new_empty((0,)) for p in params]
     return (dx, *params)
 

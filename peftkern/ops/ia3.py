@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import _backend, _validate
 from ..reference import ia3 as ref
-from ._out import own
+from ._out import standalone
 
 
 def _triton():
@@ -100,7 +100,7 @@ def ia3_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor,
         y = _triton().ia3_linear_fwd(x2d, weight, _unit(bias), _unit(ia3_l), feedforward)
     else:
         y = ref.ia3_linear_fwd(x2d, weight, bias, ia3_l, feedforward)
-    return own(y, (*x.shape[:-1], weight.shape[0]))
+    return standalone(y, (*x.shape[:-1], weight.shape[0]))
 
 
 @ia3_linear_op.register_fake
@@ -122,7 +122,7 @@ def ia3_linear_backward_op(
     name = _backend.dispatch("ia3_linear_backward", dy.device, _bwd_backends(), requested=backend)
     impl = {"cuda": _cuda_bwd, "triton": lambda *a: _triton().ia3_linear_bwd(*a)}.get(name, ref.ia3_linear_bwd)
     dx, dl = impl(dy2d, s2d, weight, _unit(ia3_l) if name == "triton" else ia3_l, feedforward, need_dx, need_dl)
-    dx = own(dx, (*dy.shape[:-1], weight.shape[1])) if need_dx else dy.new_empty((0,))
+    dx = standalone(dx, (*dy.shape[:-1], weight.shape[1])) if need_dx else dy.new_empty((0,))
     return dx, (dl if need_dl else ia3_l.new_empty((0,)))
 
 

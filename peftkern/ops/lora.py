@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _backend, _validate
 from ..reference import lora as ref
-from ._out import own
+from ._out import standalone
 
 _MAX_SEED = 2**31 - 1
 
@@ -76,7 +76,7 @@ def lora_linear_op(
                                                    lora_A.contiguous(), lora_B.contiguous(), scaling)
     else:
         y, t = _fwd_impl(backend)(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, s)
-    return own(y, (*x.shape[:-1], weight.shape[0])), t
+    return standalone(y, (*x.shape[:-1], weight.shape[0])), t
 
 
 @lora_linear_op.register_fake
@@ -103,7 +103,7 @@ def lora_linear_backward_op(
     s = int(seed.item()) if seed is not None else 0
     backend = _backend.dispatch("lora_linear_backward", x.device, _bwd_backends(lora_A.shape[0]), requested=backend)
     dx, d_a, d_b = _bwd_impl(backend)(dy2d, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, s, need_dx, need_ab)
-    dx = own(dx, x.shape) if need_dx else x.new_empty((0,))
+    dx = standalone(dx, x.shape) if need_dx else x.new_empty((0,))
     if not need_ab:
         d_a, d_b = lora_A.new_empty((0,)), lora_B.new_empty((0,))
     return dx, d_a, d_b
@@ -222,7 +222,7 @@ class _LoraLinearEager(torch.autograd.Function):
         ctx.save_for_backward(x, weight, lora_A, lora_B, t, seed_t, keep)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, p, seed, bwd_backend
         ctx.has_bias = bias is not None
-        return y if x.dim() == 2 else own(y, (*x.shape[:-1], weight.shape[0]))
+        return y if x.dim() == 2 else standalone(y, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
     def backward(ctx, dy):
@@ -258,7 +258,7 @@ def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
     if grad:
         return _LoraLinearEager.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, seed_t, fwd, bwd)
     y, _ = _fwd_impl(fwd)(_rows(x), weight, bias, lora_A, lora_B, scaling, p, seed)
-    return y if x.dim() == 2 else own(y, (*x.shape[:-1], weight.shape[0]))
+    return y if x.dim() == 2 else standalone(y, (*x.shape[:-1], weight.shape[0]))
 
 
 def lora_linear_checked(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,

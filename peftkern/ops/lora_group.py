@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import _validate
 from ..reference import lora_group as ref
 from . import lora as _lora
-from ._out import own
+from ._out import standalone
 
 
 def _triton():
@@ -50,7 +50,7 @@ class _LoraLinearGroup(torch.autograd.Function):
         ctx.spec = spec
         ctx.has_bias = [b is not None for b in tensors[1::4]]
         lead = x.shape[:-1]
-        return tuple(y if x.dim() == 2 else own(y, (*lead, y.shape[-1])) for y in ys)
+        return tuple(y if x.dim() == 2 else standalone(y, (*lead, y.shape[-1])) for y in ys)
 
     @staticmethod
     def backward(ctx, *dys):
@@ -117,4 +117,4 @@ def lora_linear_group_checked(x: Tensor, members: list) -> list[Tensor]:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
         return list(_LoraLinearGroup.apply(x, (scalings, ps, seeds, fwd, bwd), *tensors))
     ys, _ = _impls(fwd)[0](_lora._rows(x), members, seeds)
-    return [y if x.dim() == 2 else own(y, (*x.shape[:-1], y.shape[-1])) for y in ys]
+    return [y if x.dim() == 2 else standalone(y, (*x.shape[:-1], y.shape[-1])) for y in ys]

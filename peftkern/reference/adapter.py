@@ -51,21 +51,21 @@ def compute_dtype(x_dtype: torch.dtype, param_dtype: torch.dtype) -> torch.dtype
 def bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, residual=None, activation="relu",
                        scaling=1.0):
     """(x or residual) + s · (act(x W_dᵀ + b_d) W_uᵀ + b_u), computed in the compute dtype."""
-    cdt = compute_dtype(x.dtype, down_weight.dtype)
-    cast = lambda t: None if t is None else t.to(cdt)
-    h = act(F.linear(x.to(cdt), down_weight.to(cdt), cast(down_bias)), activation)
-    out = F.linear(h, up_weight.to(cdt), cast(up_bias)) * scaling
+    work_dtype = compute_dtype(x.dtype, down_weight.dtype)
+    cast = lambda t: None if t is None else t.to(work_dtype)
+    h = act(F.linear(x.to(work_dtype), down_weight.to(work_dtype), cast(down_bias)), activation)
+    out = F.linear(h, up_weight.to(work_dtype), cast(up_bias)) * scaling
     res = x if residual is None else residual
-    return (res.to(cdt) + out).to(x.dtype)
+    return (res.to(work_dtype) + out).to(x.dtype)
 
 
 def bottleneck_adapter_fwd(x2d, down_weight, down_bias, up_weight, up_bias, res2d, activation, scaling):
     """Returns (y, z): y (M, d) in x's dtype, z = x W_dᵀ + b_d (M, r) saved for backward in the
     compute dtype."""
-    cdt = compute_dtype(x2d.dtype, down_weight.dtype)
-    z = F.linear(x2d.to(cdt), down_weight.to(cdt), None if down_bias is None else down_bias.to(cdt))
-    out = F.linear(act(z.float(), activation).to(cdt), up_weight.to(cdt),
-                   None if up_bias is None else up_bias.to(cdt))
+    work_dtype = compute_dtype(x2d.dtype, down_weight.dtype)
+    cast = lambda t: None if t is None else t.to(work_dtype)
+    z = F.linear(x2d.to(work_dtype), down_weight.to(work_dtype), cast(down_bias))
+    out = F.linear(act(z.float(), activation).to(work_dtype), up_weight.to(work_dtype), cast(up_bias))
     res = x2d if res2d is None else res2d
     y = (res.float() + out.float() * scaling).to(x2d.dtype)
     return y, z

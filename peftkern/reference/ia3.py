@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 def ia3_linear(x, weight, bias, ia3_l, feedforward=False):
     """peft's IA3 Linear: the product is taken in ia3_l's precision, the result cast to x's dtype."""
-    cdt = torch.promote_types(x.dtype, ia3_l.dtype)
+    compute_dtype = torch.promote_types(x.dtype, ia3_l.dtype)
     if feedforward:
-        return F.linear((x.to(cdt) * ia3_l.to(cdt)).to(x.dtype), weight, bias)
+        return F.linear((x.to(compute_dtype) * ia3_l.to(compute_dtype)).to(x.dtype), weight, bias)
     z = F.linear(x, weight, bias)
-    return (z.to(cdt) * ia3_l.to(cdt)).to(z.dtype)
+    return (z.to(compute_dtype) * ia3_l.to(compute_dtype)).to(z.dtype)
 
 
 def ia3_linear_fwd(x2d, weight, bias, ia3_l, feedforward):

@@ -53,8 +53,8 @@ def _mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, keep=None, dropout_p=0.0):
     """y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ with an explicit keep-mask (or no dropout)."""
     xd = x if keep is None else x * keep.to(x.dtype) / (1.0 - dropout_p)
-    cdt = torch.promote_types(x.dtype, lora_A.dtype)
-    lora = F.linear(F.linear(xd.to(cdt), lora_A.to(cdt)), lora_B.to(cdt)) * scaling
+    compute_dtype = torch.promote_types(x.dtype, lora_A.dtype)
+    lora = F.linear(F.linear(xd.to(compute_dtype), lora_A.to(compute_dtype)), lora_B.to(compute_dtype)) * scaling
     return (F.linear(x, weight, bias) + lora).to(x.dtype)
 
 

@@ -240,9 +240,9 @@ def _bwd_cols_kernel(
 # ---------------------------------------------------------------- launchers
 
 
-def _dot_args(cdt: torch.dtype) -> dict:
-    dot = tl.float32 if upcast_dots(cdt) else TL_DTYPE[cdt]
-    return {"DOT": dot, "PREC": dot_precision(torch.float32 if dot == tl.float32 else cdt)}
+def _dot_args(compute_dtype: torch.dtype) -> dict:
+    dot = tl.float32 if upcast_dots(compute_dtype) else TL_DTYPE[compute_dtype]
+    return {"DOT": dot, "PREC": dot_precision(torch.float32 if dot == tl.float32 else compute_dtype)}
 
 
 def r_blocks(r: int) -> tuple[int, int]:
@@ -251,12 +251,12 @@ def r_blocks(r: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(triton.cdiv(r, num))), num
 
 
-def bottleneck_adapter_fwd(x2d, down_weight, down_bias, up_weight, up_bias, res2d, activation, scaling, cdt):
-    """Returns (y (M, d) in x's dtype, z (M, r) in the compute dtype `cdt`)."""
+def bottleneck_adapter_fwd(x2d, down_weight, down_bias, up_weight, up_bias, res2d, activation, scaling, compute_dtype):
+    """Returns (y (M, d) in x's dtype, z (M, r) in the compute dtype `compute_dtype`)."""
     M, D = x2d.shape
     R = down_weight.shape[0]
     y = torch.empty_like(x2d, memory_format=torch.contiguous_format)
-    z = torch.empty((M, R), device=x2d.device, dtype=cdt)
+    z = torch.empty((M, R), device=x2d.device, dtype=compute_dtype)
     if M == 0:
         return y, z
     br, nrb = r_blocks(R)
@@ -270,7 +270,7 @@ def bottleneck_adapter_fwd(x2d, down_weight, down_bias, up_weight, up_bias, res2
         up_weight.stride(0), up_weight.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1),
         float(scaling),
         ACT=ACT_IDS[activation], HAS_RES=res2d is not None, HAS_BD=down_bias is not None,
-        HAS_BU=up_bias is not None, BLOCK_R=br, NUM_RB=nrb, **_dot_args(cdt),
+        HAS_BU=up_bias is not None, BLOCK_R=br, NUM_RB=nrb, **_dot_args(compute_dtype),
     )
     return y, z
 
@@ -284,7 +284,7 @@ def _num_splits(M: int, D: int, nrb: int, device) -> int:
 
 
 def bottleneck_adapter_bwd(dy2d, x2d, z, down_weight, up_weight, activation, scaling, has_residual, need_dx,
-                           need_params, cdt):
+                           need_params, compute_dtype):
     """Returns (dx or None, d_down_w, d_down_b, d_up_w, d_up_b) as the reference backward does."""
     M, D = x2d.shape
     R = down_weight.shape[0]
@@ -297,7 +297,7 @@ def bottleneck_adapter_bwd(dy2d, x2d, z, down_weight, up_weight, activation, sca
         params = (zeros(R, D), zeros(R), zeros(D, R), zeros(D)) if need_params else (None,) * 4
         return (dx, *params)
     br, nrb = r_blocks(R)
-    dots = _dot_args(cdt)
+    dots = _dot_args(compute_dtype)
     dz = torch.empty((M, R), device=x2d.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     _bwd_dz_kernel[grid](
