@@ -7,8 +7,9 @@ here are tiny (compute is negligible), so the time is Python, dispatch, autograd
     and 0.1; per call, out of CHAIN calls in a row (each on the previous output) under one backward;
   step row: a tiny Llama (LoRA on every linear, dropout 0.05), forward + backward + AdamW step, peft vs
     the same model accelerated.
-CPU: wall time per call. CUDA: enqueue time, the calls queued behind a long `torch.cuda._sleep` so the
-device never makes the host wait. Providers alternate block by block, so machine noise hits each alike.
+CPU: the thread's CPU time per call (time.thread_time). CUDA: enqueue time, the calls queued behind a long
+`torch.cuda._sleep` so the device never makes the host wait. Providers alternate block by block, so machine
+noise hits each alike.
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ def _enqueue_block(fn, number: int, device, sleep_s: float = 0.0) -> float:
     """Seconds per call of `fn` on the host; on CUDA queued behind a `sleep_s` device sleep, so device time
     never shows (sleep_s must outlast the block: `_calls_per_block` sizes both)."""
     if device.type != "cuda":
-        t0 = time.perf_counter()
+        # The thread's CPU time: what the host spends on the calls (one intra-op thread), without the time the OS
+        # gives other processes on a shared machine, which wall time would count against whichever block ran.
+        t0 = time.thread_time()
         for _ in range(number):
             fn()
-        return (time.perf_counter() - t0) / number
+        return (time.thread_time() - t0) / number
     torch.cuda.synchronize(device)
     torch.cuda._sleep(int(sleep_s * 2.0e9))  # cycles; <= 2 GHz SM clocks make it at least sleep_s long
     t0 = time.perf_counter()
