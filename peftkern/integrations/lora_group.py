@@ -81,13 +81,15 @@ class _Group:
         order.remove(layer)
         order.insert(0, layer)  # the caller first: its seed is drawn first, as its own call would draw it
         members, specs, x_in = [], [], None
+        x_cast = x if compute_dtype is None else x.to(compute_dtype)  # autocast's cast of x, once for the group
         for m in order:
             plan = _lora._plan(m)
-            if _lora._input_why_not(plan, m, x, (), {}, compute_dtype) is not None or len(plan.active) != 1:
+            if (_lora._input_why_not(plan, m, x, (), {}, compute_dtype) is not None or len(plan.active) != 1
+                    or plan.active[0] in m.lora_variant):  # DoRA runs its own op (integrations/dora.py)
                 if m is layer:
                     return None
                 continue
-            xm, spec = _lora._operands(plan, m, x, compute_dtype)
+            xm, spec = _lora._operands(plan, m, x_cast, compute_dtype)
             if x_in is not None and (xm.dtype != x_in.dtype or spec[0].dtype != specs[0][0].dtype):
                 continue
             x_in = xm

@@ -243,3 +243,20 @@ def test_opt_out():
     with torch.no_grad(), peftkern.use_backend("torch"):
         model(input_ids=batch("llama")["input_ids"])
     assert peftkern.projection_groups(model) == []
+
+
+def test_autocast_group_equals_the_layers(group_calls):
+    """Under autocast the group casts x once and each member's weights as autocast casts peft's linears."""
+    model = decoder("llama").train()
+    ungrouped = copy.deepcopy(model)
+    accelerate(model)
+    accelerate(ungrouped, group_projections=False)
+    inputs = batch("llama")
+    with peftkern.use_backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+        run(model, inputs)
+        got = run(model, inputs)
+        want = run(ungrouped, inputs)
+    assert group_calls == [3, 2, 3, 2, 3, 2, 3, 2][: len(group_calls)] and group_calls
+    torch.testing.assert_close(got[1], want[1])
+    for n in want[2]:  # bf16 gradients: the group sums x's three contributions in another order than autograd
+        torch.testing.assert_close(got[2][n], want[2][n], rtol=1.6e-2, atol=1e-3)
