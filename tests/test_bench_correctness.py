@@ -52,9 +52,9 @@ def test_lora_kernel_without_the_lora_term_is_an_error_row(tmp_path, monkeypatch
     baselines are not, and the command fails."""
     real = ref_lora.lora_linear_fwd
 
-    def no_lora_term(x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
-        y, t = real(x2d, weight, bias, lora_A, lora_B, scaling, p, seed)
-        return F.linear(x2d, weight, bias).to(y.dtype), t
+    def no_lora_term(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, **kw):
+        y, *rest = real(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, **kw)  # rest: t (and keep)
+        return F.linear(x2d, weight, bias).to(y.dtype), *rest
 
     monkeypatch.setattr(ref_lora, "lora_linear_fwd", no_lora_term)
     # fp32 calls without dropout take the torch backend's composed forward: sabotage that one too.
@@ -74,8 +74,8 @@ def test_lora_backward_without_dA_is_an_error_row(tmp_path, monkeypatch):
     """Gradients are checked too: a backward that returns dA = 0 fails on dA alone."""
     real = ref_lora.lora_linear_bwd
 
-    def zero_da(*args):
-        dx, d_a, d_b = real(*args)
+    def zero_da(*args, **kw):
+        dx, d_a, d_b = real(*args, **kw)
         return dx, (None if d_a is None else torch.zeros_like(d_a)), d_b
 
     monkeypatch.setattr(ref_lora, "lora_linear_bwd", zero_da)
@@ -135,8 +135,8 @@ def test_e2e_row_is_checked_against_peft(tmp_path, monkeypatch):
     assert all(c["err"] <= c["bound"] for c in good["check"].values())
 
     real = ref_lora.lora_linear_fwd
-    monkeypatch.setattr(ref_lora, "lora_linear_fwd", lambda x2d, w, b, *a: (
-        F.linear(x2d, w, b), real(x2d, w, b, *a)[1]))
+    monkeypatch.setattr(ref_lora, "lora_linear_fwd", lambda x2d, w, b, *a, **kw: (
+        F.linear(x2d, w, b), *real(x2d, w, b, *a, **kw)[1:]))
     monkeypatch.setattr(ref_lora, "lora_linear_composed", lambda x, w, b, a, bb, s: (  # fp32, p=0: still a graph
         F.linear(x, w, b) + 0.0 * F.linear(F.linear(x, a), bb)))
     rc, rows = _bench(tmp_path, "e2e", monkeypatch)

@@ -95,6 +95,7 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
     """`partial(rows)`, when given, receives the rows so far after each case (a run cut off by a time limit
     keeps the cases it finished: each 1.1B case takes minutes)."""
     from ..integrations.accelerate import accelerate, restore
+    from ..integrations.lora_group import projection_groups
 
     cases = (QUICK.get(preset) if quick else None) or PRESETS[preset]
     rows = []
@@ -127,6 +128,8 @@ def run(preset: str, dtype, device, quick: bool, timeit, peak_bytes, progress, c
                 backend = name.split("-", 1)[1] if name != "peft" else "auto"
                 with _backend.use_backend(backend):
                     row |= e2e_check(model, ids, ref) if name != "peft" else {}
+                    if name != "peft":  # the check's forward formed them: the timed steps run grouped
+                        row["groups"] = len(projection_groups(model))
                     row |= _measure(model, ids, params, tokens, device, quick, timeit, peak_bytes)
             except Exception as e:  # a failing provider is reported, not hidden
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
