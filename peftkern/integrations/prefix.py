@@ -184,6 +184,10 @@ def why_not(peft_model) -> str | None:
     if drop > 0:
         return (f"prefix-tuning on {type(base).__name__} with attention dropout {drop} (the fused prefix kernels "
                 "have none; set the model's attention dropout to 0 to fuse)")
+    cap = next((c for m in mods if (c := getattr(m, "attn_logit_softcapping", None)) is not None), None)
+    if cap is not None:
+        return (f"prefix-tuning on {type(base).__name__} with attention logit softcapping {cap} (the fused prefix "
+                "kernels have none)")
     idx = sorted(m.layer_idx for m in mods)
     if idx != list(range(cfg.num_layers)):
         return (f"prefix-tuning on {type(base).__name__}: attention layers {idx} do not map one to one onto "
@@ -215,6 +219,7 @@ def accelerate(peft_model) -> int:
             peft_model.__dict__.pop(k, None)
         _swap.swap(peft_model, _FUSED)  # forward, get_prompt and disable_adapter below
         base.register_forward_pre_hook(_check_cache, with_kwargs=True)
+        base.__dict__[_MASK_POS] = any(type(m).__name__ in _MASK_POSITION_EMBEDDINGS for m in base.modules())
     for mod in mods:
         setattr(mod, _LEN, P)
     return len(mods)
@@ -233,6 +238,7 @@ def restore(peft_model) -> bool:
             base._forward_pre_hooks_with_kwargs.pop(key, None)
     for mod in _attention_modules(base):
         mod.__dict__.pop(_LEN, None)
+    base.__dict__.pop(_MASK_POS, None)
     base.set_attn_implementation(peft_model.__dict__.pop(_STATE))
     return True
 
@@ -286,10 +292,14 @@ def cache_kwarg(cls) -> str:
 
 
 def _pop_cache(kwargs: dict):
-    """Remove the cache from kwargs under either name and return it: the one peft's get_prompt made where
-    both are given (generate() on transformers 5.24 passes its own fresh `cache` beside peft's prefix
-    `past_key_values`, and transformers would take the fresh one), else transformers' precedence, `cache`."""
-    found = [c for c in (kwargs.pop(k) for k in CACHE_NAMES if k in kwargs) if c is not None]
+    """Remove the cache from kwargs under either name and return the one to run on. generate() on
+    transformers 5.24 passes its own `cache` beside the fresh prefix cache peft's
+    prepare_inputs_for_generation makes every step as `past_key_values`: with `use_cache` on, its `cache`
+    is peft's prefix cache from the first step, grown since (the right one once it holds the prefix); with
+    `use_cache=False` it is a stale one from the previous step while the input is the whole sequence again,
+    so peft's fresh prefix is the right one. Without a prefix cache: transformers' precedence, `cache`."""
+    names = ("past_key_values", "cache") if kwargs.get("use_cache") is False else CACHE_NAMES
+    found = [c for c in (kwargs.pop(k, None) for k in names) if c is not None]
     return next((c for c in found if getattr(c, _LEN, None) is not None), found[0] if found else None)
 
 
@@ -309,6 +319,17 @@ def _check_cache(module, args, kwargs):
         raise RuntimeError(f"{NAME} attention: the model runs on a cache without peft's prefix (this "
                            "transformers/peft pair drops it, e.g. in generate()); call the PeftModel itself")
     return args, kwargs
+
+
+# Position embeddings that number tokens from the attention mask (cumsum), not from the cache length.
+_MASK_POSITION_EMBEDDINGS = ("OPTLearnedPositionalEmbedding",)
+
+
+_MASK_POS = "_peftkern_mask_positions"  # on the base model, set by accelerate
+
+
+def _mask_positions(base) -> bool:
+    return base.__dict__.get(_MASK_POS, False)
 
 
 def _reentrant_checkpointing(base) -> bool:
@@ -347,7 +368,10 @@ def _no_concat_forward(self, input_ids=None, attention_mask=None, inputs_embeds=
     x = input_ids if input_ids is not None else inputs_embeds
     position_ids = kwargs.pop("position_ids", None)
     # peft's cache holds P positions before the sequence, so the model numbers the sequence from P.
-    if position_ids is None:
+    if position_ids is None and attention_mask is not None and _mask_positions(self.get_base_model()):
+        # OPT numbers tokens by the running count of its (prefix-extended) mask: pads -1, the rest from P
+        position_ids = (P + attention_mask.long().cumsum(1)) * attention_mask.long() - 1
+    elif position_ids is None:
         position_ids = torch.arange(P, P + x.shape[1], device=x.device).unsqueeze(0)
     else:
         position_ids = position_ids + P
