@@ -90,7 +90,7 @@ def _setup(case: Case, dtype, device, compile_baseline: bool) -> _harness.Setup:
         if p > 0.0:
             torch.manual_seed(seed)  # check_op runs the provider after the same manual_seed: the op draws this seed
             keep = keep_mask(name.removeprefix("peftkern-"), case.m, case.d_in, p, int(draw_seed(p)), x.device)
-        reference = lambda x, w, b, a, bb: ref.lora_linear(x, w, b, a, bb, s, keep, p)
+        reference = lambda x, w, b, a, lora_b: ref.lora_linear(x, w, b, a, lora_b, s, keep, p)
         return check_op(run, reference, [*leaves, w, b, a32, b32], ["dx", "dW", "db", "dA", "dB"], seed=seed)
 
     cuda_refused = None

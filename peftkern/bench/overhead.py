@@ -153,7 +153,7 @@ def _check_layer(layer, case: Case, x0) -> dict:
     from ..reference import lora as ref
 
     w, b = layer.base_layer.weight, layer.base_layer.bias
-    a, bb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     s = layer.scaling["default"]
     keep = None
     if case.p > 0.0:
@@ -164,8 +164,8 @@ def _check_layer(layer, case: Case, x0) -> dict:
         torch.manual_seed(1234)  # check_op runs the layer after the same manual_seed: the op draws this seed
         keep = keep_mask(backend, case.tokens, case.hidden, case.p, int(draw_seed(case.p)), x0.device)
     x = x0.detach().requires_grad_(True)
-    reference = lambda x, w, b, a, bb: ref.lora_linear(x, w, b, a, bb, s, keep, case.p)
-    return check_op(lambda: layer(x), reference, [x, w, b, a, bb], ["dx", "dW", "db", "dA", "dB"], seed=1234)
+    reference = lambda x, w, b, a, lora_b: ref.lora_linear(x, w, b, a, lora_b, s, keep, case.p)
+    return check_op(lambda: layer(x), reference, [x, w, b, a, lora_b], ["dx", "dW", "db", "dA", "dB"], seed=1234)
 
 
 def _step_rows(device, dtype, rounds: int, progress) -> list[dict]:

@@ -12,8 +12,8 @@ from .lora import lora_linear_bwd, lora_linear_fwd
 def lora_linear_group_fwd(x2d, members, seeds, want_keep=False):
     """members: [(weight, bias, lora_A, lora_B, scaling, p)]. Returns ([y_g], [t_g]), and [keep_g] with want_keep
     (see lora_linear_fwd)."""
-    out = [lora_linear_fwd(x2d, w, b, a, bb, s, p, seed, want_keep=True)
-           for (w, b, a, bb, s, p), seed in zip(members, seeds)]
+    out = [lora_linear_fwd(x2d, w, b, a, lora_b, s, p, seed, want_keep=True)
+           for (w, b, a, lora_b, s, p), seed in zip(members, seeds)]
     ys, ts, keeps = ([o[i] for o in out] for i in range(3))
     return (ys, ts, keeps) if want_keep else (ys, ts)
 
