@@ -20,6 +20,7 @@ from torch import nn
 from .. import _backend
 from ..ops import lora as _lora_ops
 from . import _swap, checks
+from . import dora as _dora
 from .checks import FLOATS, base_kind, base_why_not, log_once, note_fallback, plain_forward, plain_weight
 
 _FUSED = "FusedLoraLinear"  # the class accelerated peft lora.Linear instances get (integrations/_swap.py)
@@ -36,8 +37,10 @@ def _layer_why_not(layer, active: list[str]) -> str | None:
     if why is not None:
         return why
     for a in active:
-        if a in layer.lora_variant:
-            return f"LoRA variant {type(layer.lora_variant[a]).__name__} (DoRA, aLoRA, ...)"
+        if a in layer.lora_variant:  # DoRA is fused by dora.py; other variants fall back with its reason
+            why = _dora.variant_why_not(layer, a, active)
+            if why is not None:
+                return why
     a = active[0]
     lora_a, lora_b = layer.lora_A[a], layer.lora_B[a]
     if not (isinstance(lora_a, nn.Linear) and plain_forward(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)
@@ -224,6 +227,8 @@ def _fused_forward(self, x, *args, **kwargs):
         if why:
             note_fallback(why, "LoRA")
         return _swap.base_class(self).forward(self, x, *args, **kwargs)
+    if plan.active[0] in self.lora_variant:  # DoRA, the one variant _layer_why_not lets through (dora.py)
+        return _dora.forward(self, plan, x, compute_dtype)
     x_in, spec = _operands(plan, self, x, compute_dtype)
     if compute_dtype is not None:
         with torch.autocast(x.device.type, enabled=False):  # the operands are cast already: no recast inside

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from _lora_models import ARCHS, base_model, batch, lora_layers, lora_model, randomize_lora_B
+from _lora_models import ARCHS, TARGETS, base_model, batch, lora_layers, lora_model, randomize_lora_B
 from _util import DEVICE, assert_close_rule
 from torch import nn
 
@@ -276,21 +276,24 @@ def test_multiple_adapters(op_calls, caplog):
 
 
 def test_unsupported_calls_fall_back_loudly(monkeypatch, caplog):
-    """DoRA and mixed-adapter batches keep peft's forward: it raises under PEFTKERN_STRICT=1, else logs once."""
+    """DoRA with several active adapters (one DoRA adapter is fused: test_peft_dora.py) and mixed-adapter batches
+    keep peft's forward: it raises under PEFTKERN_STRICT=1, else logs once."""
     plain = lora_model("llama", use_dora=True)
+    plain.add_adapter("second", peft.LoraConfig(r=2, target_modules=TARGETS["llama"], use_dora=True))
+    plain.base_model.set_adapter(["default", "second"])
     ours = copy.deepcopy(plain)
     with caplog.at_level(logging.INFO, logger="peftkern"):
         summary = accelerate(ours)
-    assert summary.fused_now == 0 and "DoraLinearVariant" in str(summary)
-    assert any("0 of 14 LoRA layers" in r.message and "Dora" in r.message for r in caplog.records)
+    assert summary.fused_now == 0 and "DoRA with several active adapters" in str(summary)
+    assert any("0 of 14 LoRA layers" in r.message and "DoRA" in r.message for r in caplog.records)
     inputs = batch("llama")
-    with pytest.raises(peftkern.BackendUnavailable, match="Dora"):
+    with pytest.raises(peftkern.BackendUnavailable, match="DoRA"):
         ours(**inputs)
     monkeypatch.setenv("PEFTKERN_STRICT", "0")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="peftkern"), torch.no_grad():
         torch.testing.assert_close(ours(**inputs).logits, plain(**inputs).logits)
-    assert sum("Dora" in r.message for r in caplog.records) == 1
+    assert sum("DoRA" in r.message for r in caplog.records) == 1
 
     plain = lora_model("llama").eval()  # peft takes adapter_names in eval mode only
     plain.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q_proj"]))
