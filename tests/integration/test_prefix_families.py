@@ -89,11 +89,26 @@ def ids_and_mask(n=L, padded=True, seed=1):
     return ids, mask
 
 
+def positions(mask):
+    """The position ids generate() gives a left-padded batch: each row's tokens numbered from 0 at its first
+    real token (peft offsets them by P). A plain forward numbers every row from its first column instead,
+    which matters with a prefix even under RoPE: the prefix keys carry no position, so q . prefix_k depends
+    on the query's absolute position."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def last_logits(model, ids, mask):
+    """The last position's logits of a full forward (no cache, the prefix in it), positions as generate()
+    numbers them."""
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits[:, -1]
+
+
 def reference_greedy(model, ids, mask, steps):
     """Greedy decoding by full forwards (no cache): every step sees the prefix."""
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
+            logits = last_logits(model, ids, mask)
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     return ids
@@ -137,15 +152,18 @@ def test_family_trains_like_peft(family, op_calls):
         assert_close_rule(name, g, grads64[name], grads_r[name])
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("family", list(FUSED))
-def test_family_greedy_generate_keeps_the_prefix(family, op_calls):
+def test_family_greedy_generate_keeps_the_prefix(family, padded, use_cache, op_calls):
     ref, _, ours = build(family)
     ours.eval()
     ref.eval()
-    ids, mask = ids_and_mask(6, padded=False, seed=2)
+    ids, mask = ids_and_mask(6, padded=padded, seed=2)
     want = reference_greedy(ref, ids, mask, 4)
     with torch.no_grad(), peftkern.use_backend("triton"):
-        got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                            use_cache=use_cache)
     assert op_calls  # the kernel ran
     assert torch.equal(got, want)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_prefix_families import build, ids_and_mask, reference_greedy
+from test_prefix_families import build, ids_and_mask, last_logits, reference_greedy
 
 import peftkern
 
@@ -28,9 +28,7 @@ def _models(family="llama"):
 
 
 def _logprobs(model, ids, mask):
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
-    return torch.log_softmax(logits.double(), -1)
+    return torch.log_softmax(last_logits(model, ids, mask).double(), -1)
 
 
 def reference_sample(model, ids, mask, seed):
@@ -38,9 +36,7 @@ def reference_sample(model, ids, mask, seed):
     generate() is: one torch.multinomial draw per step."""
     torch.manual_seed(seed)
     for _ in range(N):
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
-        nxt = torch.multinomial(torch.softmax(logits, -1), 1)
+        nxt = torch.multinomial(torch.softmax(last_logits(model, ids, mask), -1), 1)
         ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
     return ids
 
@@ -87,9 +83,10 @@ def test_sampling_with_a_fixed_seed(use_cache):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_beam_search(use_cache):
+@pytest.mark.parametrize("padded", [False, True])
+def test_beam_search(padded, use_cache):
     ref, ours = _models()
-    ids, mask = ids_and_mask(6, padded=False, seed=3)
+    ids, mask = ids_and_mask(6, padded=padded, seed=3)
     want = reference_beams(ref, ids, mask, beams=3)
     with torch.no_grad(), peftkern.use_backend("triton"):
         got = ours.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=3, use_cache=use_cache,
