@@ -41,11 +41,12 @@ def _ids():
     return torch.randint(1, V, (B, L), generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
 
-def _train_step(model, ids, seed=3):
+def _train_step(model, ids, seed=3, mask=None, **kw):
     model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    mask = torch.ones_like(ids) if mask is None else mask
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, **kw)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
@@ -137,3 +138,24 @@ def test_dropout_set_after_accelerate_falls_back_with_the_reason(monkeypatch, ca
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     assert len(op_calls) == 2  # eval: dropout 0, fused again
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_late_dropout_fallback_padded_and_on_the_cache_path(use_cache, monkeypatch, op_calls):
+    """The fallback on a left-padded batch, on the no-concat path (prefix shared by the batch) and on peft's
+    cache path (the prefix as views of the cache): peft's step under the same seed."""
+    monkeypatch.setenv("PEFTKERN_STRICT", "0")
+    ref = _gpt2(0.0)
+    model = copy.deepcopy(ref)
+    assert peftkern.accelerate(model).prefix_layers == 2
+    _set_dropout(model, 0.3)
+    _set_dropout(ref, 0.3)
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    got = _train_step(model, ids, mask=mask, use_cache=use_cache)
+    want = _train_step(ref, ids, mask=mask, use_cache=use_cache)
+    assert op_calls == []
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for name, g in got[1].items():
+        torch.testing.assert_close(g, want[1][name], atol=1e-5, rtol=1e-5)
