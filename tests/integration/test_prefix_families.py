@@ -53,6 +53,13 @@ REFUSED = {  # family -> (tiny causal LM, the reason accelerate gives)
     "gpt2 (attn_pdrop 0.1, its default)": (
         lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=64)),
         "attention dropout 0.1"),
+    "llama (attention_dropout 0.1)": (
+        lambda: T.LlamaForCausalLM(T.LlamaConfig(**_common(), attention_dropout=0.1)), "attention dropout 0.1"),
+    "opt (attention_dropout 0.1)": (
+        lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                             num_attention_heads=2, word_embed_proj_dim=32, dropout=0.0,
+                                             attention_dropout=0.1)),
+        "attention dropout 0.1"),
     "gemma2 (softcapping, its default)": (
         lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**_common(), head_dim=16)), "softcapping 50.0"),
     "falcon": (lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
