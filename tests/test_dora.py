@@ -172,3 +172,17 @@ def test_compile_fullgraph():
     got = torch.autograd.grad(compiled(x, a, bb, m), [x, a, bb, m])
     for g, e in zip(got, eager):
         torch.testing.assert_close(g, e)
+
+
+def test_backward_op_checks_its_saved_tensors():
+    x, w, b, a, bb, m = [None if t is None else t.detach() for t in
+                         make_inputs((3, 5), 24, 20, 4, torch.float32, torch.float32, True)]
+    n = ref.weight_norm(w, a, bb, 0.5)
+    dy, t, u = torch.randn(3, 5, 20), torch.randn(15, 4), torch.randn(15, 20)
+    op = torch.ops.peftkern.dora_linear_backward
+    with pytest.raises(ValueError, match="dy must have shape"):
+        op(dy[:, :4], x, w, a, bb, m, n, t, u, 0.5, 0.0, None, True, True, True, "torch")
+    with pytest.raises(ValueError, match="u must have shape"):
+        op(dy, x, w, a, bb, m, n, t, u[:, :3], 0.5, 0.0, None, True, True, True, "torch")
+    with pytest.raises(ValueError, match="t must be float32"):
+        op(dy, x, w, a, bb, m, n, t.double(), u, 0.5, 0.0, None, True, True, True, "torch")

@@ -29,8 +29,11 @@ def _backends():
     return {"torch": lambda: None, "triton": lambda: None}
 
 
-def _check(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p) -> None:
-    _validate.lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+def _check(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, fake=False) -> None:
+    if fake:  # torch._check on symbolic dims
+        _validate.lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    else:  # the common valid call in a few attribute reads, else every check
+        _validate.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     _validate.tensor("magnitude", magnitude, ndim=1)
     out_f = weight.shape[0]
     _validate._req(magnitude.shape[0] == out_f, ValueError,
@@ -43,6 +46,19 @@ def _check(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dro
         _validate._req(weight_norm.shape[0] == out_f, ValueError,
                        lambda: f"weight_norm must have shape ({out_f},), got {tuple(weight_norm.shape)}")
         _validate.same_device(x=x, weight_norm=weight_norm)
+
+
+def _check_saved(dy, x, weight, lora_A, t, u) -> None:
+    """The backward op's dy and saved t, u against x and the weights."""
+    _validate.tensor("dy", dy, min_ndim=1)
+    lead, out_f, r = x.shape[:-1], weight.shape[0], lora_A.shape[0]
+    m = lead.numel()
+    _validate._req(dy.dtype == x.dtype, TypeError, lambda: f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
+    _validate._req(dy.shape == (*lead, out_f), ValueError,
+                   lambda: f"dy must have shape {(*lead, out_f)}, got {tuple(dy.shape)}")
+    _validate._req(t.dtype == torch.float32 and t.shape == (m, r), ValueError,
+                   lambda: f"t must be float32 of shape {(m, r)}, got {t.dtype} {tuple(t.shape)}")
+    _validate._req(u.shape == (m, out_f), ValueError, lambda: f"u must have shape {(m, out_f)}, got {tuple(u.shape)}")
 
 
 # ------------------------------------------------------------------------------------------------ row norm
@@ -108,7 +124,8 @@ def dora_linear_op(
     _validate.seed("seed", seed)
     x2d = x.reshape(-1, x.shape[-1])
     s = int(seed.item()) if seed is not None else 0
-    backend = _backend.dispatch("dora_linear", x.device, _backends())
+    # No CUDA C++ DoRA kernel: a cuda request runs Triton's (as the LoRA op's backward does; not a fallback)
+    backend = _backend.dispatch("dora_linear", x.device, _backends(), requested=_backend.backward_backend(False))
     y, t, u = ref.dora_linear_fwd(x2d, weight, bias, lora_A, lora_B, _g(magnitude, weight_norm), scaling,
                                   dropout_p, s, _lora._fwd_impl(backend))
     return standalone(y, (*x.shape[:-1], weight.shape[0])), t, u
@@ -116,7 +133,7 @@ def dora_linear_op(
 
 @dora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed):
-    _check(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p)
+    _check(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, fake=True)
     _validate.seed("seed", seed)
     m = x.shape[:-1].numel()
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -132,6 +149,7 @@ def dora_linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dm); a gradient not needed is an empty (0,) tensor."""
     _check(x, weight, None, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p)
+    _check_saved(dy, x, weight, lora_A, t, u)
     _validate.seed("seed", seed)
     _validate.backend_name(backend)
     x2d = x.reshape(-1, x.shape[-1])
@@ -151,7 +169,8 @@ def dora_linear_backward_op(
 @dora_linear_backward_op.register_fake
 def _(dy, x, weight, lora_A, lora_B, magnitude, weight_norm, t, u, scaling, dropout_p, seed, need_dx, need_ab,
       need_m, backend):
-    _check(x, weight, None, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p)
+    _check(x, weight, None, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, fake=True)
+    _check_saved(dy, x, weight, lora_A, t, u)
     _validate.seed("seed", seed)
     _validate.backend_name(backend)
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))

@@ -237,3 +237,39 @@ def test_fallbacks_say_why(dora_calls, caplog):
                 model(**inputs)
         else:
             model(**inputs)
+
+
+def test_compile_fullgraph_no_graph_break():
+    model = dora_model(lora_dropout=0.1).train()
+    accelerate(model)
+    inputs = batch("llama")
+
+    def loss_fn(input_ids, labels):
+        return model(input_ids=input_ids, labels=labels).loss
+
+    explained = torch._dynamo.explain(loss_fn)(**inputs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert any("peftkern.dora_linear" in str(n.target) for g in explained.graphs for n in g.graph.nodes)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(4)
+    g_c = torch.autograd.grad(compiled(**inputs), params)
+    torch.manual_seed(4)
+    g_e = torch.autograd.grad(loss_fn(**inputs), params)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_redraws_the_same_dropout(reentrant):
+    model = dora_model(lora_dropout=0.3).train()
+    accelerate(model)
+    inputs = batch("llama")
+    _, _, want = run(model, inputs, seed=3)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.enable_input_require_grads()
+    _, _, got = run(model, inputs, seed=3)
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
