@@ -45,7 +45,7 @@ def fused_functions() -> set:
 
 def is_swapped(obj, name: str | None = None) -> bool:
     cls = type(obj)
-    return cls in _CLASSES.values() and (name is None or cls is _CLASSES[name])
+    return cls in _CLASSES.values() and (name is None or cls is _CLASSES.get(name))
 
 
 def swap(obj, name: str) -> None:

@@ -14,6 +14,7 @@ from . import ia3 as _ia3
 from . import lora as _lora
 from . import lora_group as _lora_group
 from . import prefix as _prefix
+from . import qlora as _qlora
 from .checks import log
 
 
@@ -53,13 +54,14 @@ def accelerate(model: nn.Module, group_projections: bool = True) -> Summary:
     summary = Summary()
     for mod in _lora.layers(model):
         summary.lora_layers += 1
-        why = _lora.patchable(mod)
+        impl = _qlora if _qlora.handles(mod) else _lora  # LoRA on a bitsandbytes base: qlora.py
+        why = impl.patchable(mod)
         if why is not None:
             summary.reasons[why] += 1
             continue
-        _lora.patch(mod)
+        impl.patch(mod)
         summary.patched += 1
-        now = _lora.state_why_not(mod)
+        now = impl.state_why_not(mod)
         if now is None:
             summary.fused_now += 1
         else:

@@ -1,0 +1,118 @@
+"""LoRA on a bitsandbytes 4-bit (NF4 / FP4) base: y = x deq(W)ᵀ + b + s · (drop(x) Aᵀ) Bᵀ.
+
+Design (dequant-then-GEMM): `peftkern::dequantize_4bit` (a Triton kernel on CUDA / under the interpreter, torch on
+CPU) writes the frozen weight in the compute dtype as a per-call temporary, and `ops.lora.lora_linear_checked`
+runs the fused LoRA GEMM on it (same kernels, dropout seed and masks as plain LoRA). The temporary is freed when
+the forward returns: autograd does not keep it, because the saved copy of the weight is replaced by a recipe
+(saved_tensors_hooks) and the backward dequantises again for dx = dy W. No persistent full-precision copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference import quant as ref
+from . import lora as _lora
+
+_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+
+
+def _triton():
+    from ..triton import quant as tri  # imported lazily: no Triton work at `import peftkern`
+
+    return tri
+
+
+class _State:
+    """The fields of a bitsandbytes QuantState the kernels read, from plain tensors (op arguments)."""
+
+    __slots__ = ("absmax", "blocksize", "code", "dtype", "nested", "offset", "shape", "state2")
+
+    def __init__(self, code, absmax, code2, absmax2, offset, shape, blocksize, blocksize2, mid_dtype):
+        self.code, self.absmax, self.offset = code, absmax, offset
+        self.shape, self.blocksize, self.dtype = tuple(shape), blocksize, mid_dtype
+        self.nested = code2 is not None
+        self.state2 = (_State(code2, absmax2, None, None, None, (), blocksize2, 0, torch.float32) if self.nested
+                       else None)
+
+
+@torch.library.custom_op("peftkern::dequantize_4bit", mutates_args=())
+def dequantize_4bit_op(
+    data: Tensor, code: Tensor, absmax: Tensor, code2: Tensor | None, absmax2: Tensor | None, offset: Tensor | None,
+    shape: list[int], blocksize: int, blocksize2: int, mid_dtype: torch.dtype, dtype: torch.dtype,
+) -> Tensor:
+    """The (out, in) weight of packed 4-bit `data` (two codes per byte, high nibble first) in `dtype`; code2 /
+    absmax2 / offset given for a double-quantised absmax. Values are rounded to `mid_dtype` (the dtype the
+    weight was quantised from) before `dtype`, as bitsandbytes' dequantize_4bit(...).to(dtype)."""
+    torch._check(code.numel() == 16, lambda: f"dequantize_4bit: code must have 16 entries, got {code.numel()}")
+    torch._check(dtype in _DTYPES and mid_dtype in _DTYPES, lambda: "dequantize_4bit: dtype must be fp32/fp16/bf16")
+    torch._check((code2 is None) == (absmax2 is None) == (offset is None),
+                 lambda: "dequantize_4bit: code2, absmax2 and offset go together (double quantisation)")
+    st = _State(code, absmax, code2, absmax2, offset, shape, blocksize, blocksize2, mid_dtype)
+    backend = _backend.dispatch("dequantize_4bit", data.device, {"torch": lambda: None, "triton": lambda: None})
+    if backend == "triton":
+        return _triton().dequantize_4bit(data, st, dtype)
+    return ref.dequantize_4bit(data, st, dtype)
+
+
+@dequantize_4bit_op.register_fake
+def _(data, code, absmax, code2, absmax2, offset, shape, blocksize, blocksize2, mid_dtype, dtype):
+    return data.new_empty(shape, dtype=dtype)
+
+
+def state_args(qs) -> tuple:
+    """A bitsandbytes QuantState as dequantize_4bit_op's arguments after `data`, less the output dtype."""
+    if qs.nested:
+        s2 = qs.state2
+        nested = (s2.code, s2.absmax, qs.offset.reshape(1) if qs.offset.dim() == 0 else qs.offset)
+        bs2 = s2.blocksize
+    else:
+        nested, bs2 = (None, None, None), 0
+    return (qs.code, qs.absmax, *nested, list(qs.shape), qs.blocksize, bs2, qs.dtype)
+
+
+def dequantize(weight: Tensor, qs, dtype: torch.dtype) -> Tensor:
+    """Dequantise a bitsandbytes `Params4bit` (or its packed data) with QuantState `qs` to `dtype`."""
+    data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+    return torch.ops.peftkern.dequantize_4bit(data, *state_args(qs), dtype)
+
+
+def lora_linear_4bit(x: Tensor, weight: Tensor, qs, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                     scaling: float, dropout_p: float) -> Tensor:
+    """`lora_linear` with a 4-bit base: x (..., in) in the compute dtype, `weight` a Params4bit with QuantState
+    `qs`, bias (out,) in x's dtype or None. The dequantised weight lives for this call only (see module doc)."""
+    dtype = x.dtype
+    w = dequantize(weight, qs, dtype)
+    pack = _packer(weight, qs, dtype, w.device, w.untyped_storage().data_ptr())  # must not hold w: autograd
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):              # keeps the hooks with the graph
+        return _lora.lora_linear_checked(x, w, bias, lora_A, lora_B, float(scaling), float(dropout_p))
+
+
+def _packer(weight, qs, dtype, device, storage):
+    """The pack hook: a saved view of the dequantised weight (same storage) becomes a _Recipe, the rest stays."""
+
+    def pack(t):
+        if t.device == device and t.untyped_storage().data_ptr() == storage:
+            return _Recipe(weight, qs, dtype, t.size(), t.stride(), t.storage_offset())
+        return t
+
+    return pack
+
+
+class _Recipe:
+    """A saved view of the dequantised weight, kept as how to rebuild it."""
+
+    __slots__ = ("dtype", "offset", "qs", "size", "stride", "weight")
+
+    def __init__(self, weight, qs, dtype, size, stride, offset):
+        self.weight, self.qs, self.dtype, self.size, self.stride, self.offset = weight, qs, dtype, size, stride, offset
+
+
+def _unpack(t):
+    if type(t) is not _Recipe:
+        return t
+    with torch.no_grad():
+        w = dequantize(t.weight, t.qs, t.dtype)
+    return w.as_strided(t.size, t.stride, t.offset)

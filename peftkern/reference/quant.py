@@ -1,0 +1,38 @@
+"""bitsandbytes 4-bit (NF4 / FP4) weights dequantized in pure torch: the CPU path and the test oracle's twin.
+
+A `Params4bit` holds two 4-bit codes per byte (high nibble first: element 2k is byte k >> 4, element 2k+1 is
+byte k & 0xF), a 16-entry code table (`quant_state.code`, NF4 or FP4) and one fp32 absmax per `blocksize`
+elements of the flattened (out, in) weight. With double quantisation (`quant_state.nested`) the absmax is itself
+8-bit: absmax[i] = state2.code[qabsmax[i]] * state2.absmax[i // state2.blocksize] + offset. The weight is
+code[q] * absmax in fp32, rounded to the dtype it was quantised from (`quant_state.dtype`), then to the compute
+dtype, as bitsandbytes' `dequantize_4bit(...).to(compute_dtype)` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def absmax_fp32(qs) -> Tensor:
+    """The per-block fp32 absmax of a bitsandbytes QuantState (undoing double quantisation)."""
+    if not qs.nested:
+        return qs.absmax.float()
+    s2 = qs.state2
+    q = qs.absmax.reshape(-1).long()
+    blk = torch.arange(q.numel(), device=q.device) // s2.blocksize
+    return s2.code.to(q.device)[q] * s2.absmax.float()[blk] + qs.offset.float()
+
+
+def dequantize_4bit(data: Tensor, qs, dtype: torch.dtype) -> Tensor:
+    """The (out, in) weight of packed 4-bit `data` with QuantState `qs`, in `dtype`."""
+    a = data.reshape(-1)
+    if a.dtype != torch.uint8:
+        a = a.view(torch.uint8)
+    n = 1
+    for d in qs.shape:
+        n *= d
+    codes = torch.stack(((a >> 4), (a & 0xF)), dim=1).reshape(-1)[:n].long()
+    blk = torch.arange(n, device=a.device) // qs.blocksize
+    w = qs.code.to(a.device)[codes] * absmax_fp32(qs)[blk]
+    return w.to(qs.dtype).to(dtype).reshape(qs.shape)
