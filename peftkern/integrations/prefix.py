@@ -18,7 +18,8 @@ on the fused op:
 Attention dropout: the fused kernels have none. `why_not` leaves a model whose attention modules carry a
 dropout > 0 to peft (the reason goes into accelerate's summary); dropout set on the modules after
 `accelerate` makes each training-mode attention call fall back to peft's math (SDPA over the concatenated
-prefix, dropout included) with the reason (logged once, raised under PEFTKERN_STRICT=1).
+prefix, dropout included) with the reason (logged once, raised under PEFTKERN_STRICT=1). So does a
+sliding window shorter than the prefix + sequence keys (within the window it changes nothing).
 
 `disable_adapter()` switches the attention back to the model's own for its duration.
 """
@@ -73,8 +74,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                          "(PrefixTuningConfig num_attention_heads / token_dim vs the model's KV heads)")
     window = kwargs.get("sliding_window")
     if window is not None and pk.shape[-2] + key.shape[2] > window:  # within the window it changes nothing
-        raise ValueError(f"{NAME} attention has no sliding window: P + S = {pk.shape[-2] + key.shape[2]} keys "
-                         f"exceed the model's window of {window}")
+        checks.note_fallback(f"a sliding window ({window}) shorter than the prefix + sequence keys (the fused "
+                             "prefix kernels have no sliding window)", "prefix-tuning attention")
+        return _concat_attention(module, query, key, value, pk, pv, attention_mask, dropout, scaling, is_causal,
+                                 kwargs, window=window)
     pad = None
     if attention_mask is not None:
         if attention_mask.dim() != 2:
@@ -87,18 +90,26 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     return out.transpose(1, 2), None
 
 
-def _concat_attention(module, query, key, value, pk, pv, attention_mask, dropout, scaling, is_causal, kwargs):
+def _concat_attention(module, query, key, value, pk, pv, attention_mask, dropout, scaling, is_causal, kwargs,
+                      window=None):
     """peft's math: SDPA (transformers' sdpa_attention_forward, dropout included) over the prefix expanded
-    to the batch and concatenated before the keys, with the (B, 1, L, P + S) boolean mask."""
+    to the batch and concatenated before the keys, with the (B, 1, L, P + S) boolean mask. `window`: the
+    sliding window as transformers applies it to peft's cache, where the prefix holds positions 0..P-1 and
+    query i the position P + S - L + i: key j is seen when j > position - window (so far queries lose the
+    prefix too)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    B, L, S = query.shape[0], query.shape[2], key.shape[2]
+    B, L, S, P = query.shape[0], query.shape[2], key.shape[2], pk.shape[-2]
     pk, pv = (t.to(key.dtype).expand(B, *t.shape[-3:]) for t in (pk, pv))
     pad = None if attention_mask is None else attention_mask[:, -S:].bool()
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    mask = ref.full_mask(L, S, pk.shape[-2], causal, pad, B, query.device)
+    mask = ref.full_mask(L, S, P, causal, pad, B, query.device)
+    if window is not None:
+        pos = torch.arange(P + S - L, P + S, device=query.device)[:, None]
+        inside = torch.arange(P + S, device=query.device)[None, :] > pos - window
+        mask = inside if mask is None else mask & inside
     if mask is not None:
-        mask = mask.expand(B, 1, L, pk.shape[-2] + S)
+        mask = mask.expand(B, 1, L, P + S)
     rest = {k: v for k, v in kwargs.items() if k not in (KWARG, "is_causal")}
     return sdpa_attention_forward(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), mask,
                                   dropout=dropout, scaling=scaling, is_causal=False, **rest)
