@@ -117,19 +117,38 @@ def test_dropout_parity_with_kernel_masks(monkeypatch):
         assert not torch.allclose(got[1], ours.eval()(**inputs).logits), "dropout took effect"
 
 
-def test_half_base_with_fp32_adapters(dora_calls):
-    """peft's default on a bf16 model: the base in bf16, the adapters and magnitude in fp32."""
-    plain = dora_model()
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_half_base_with_fp32_adapters(p, monkeypatch):
+    """peft's default on a bf16 model: the base in bf16, the adapters and magnitude in fp32; with dropout peft's
+    DoRA branch computes x_d Wᵀ in fp32 (the op follows it), fed the op's masks."""
+    plain = dora_model(lora_dropout=p).train()
     oracle = copy.deepcopy(plain).double()
     plain.base_model.model.to(torch.bfloat16)
-    for name, p in plain.named_parameters():
+    for name, prm in plain.named_parameters():
         if "lora_" in name:
-            p.data = p.data.float()
+            prm.data = prm.data.float()
     ours = copy.deepcopy(plain)
     assert accelerate(ours).fused_now == 14
+    seeds = []
+    real = lora_ops.draw_seed
+
+    def recording(dropout_p):
+        s = real(dropout_p)
+        if s is not None:
+            seeds.append(int(s))
+        return s
+
+    monkeypatch.setattr(lora_ops, "draw_seed", recording)
     inputs = batch("llama")
-    assert_matches_peft(run(ours, inputs), run(plain, inputs), run(oracle, inputs), tiny=1e-3)
-    assert dora_calls["dora"] == 14
+    got = run(ours, inputs)
+    if p:
+        assert len(seeds) == 14
+        for ref_model in (plain, oracle):
+            queue = list(seeds)
+            for layer in lora_layers(ref_model):
+                layer.lora_dropout["default"] = _KernelMaskDropout(p, queue)
+            ref_model.train()
+    assert_matches_peft(got, run(plain, inputs), run(oracle, inputs), tiny=1e-3)
 
 
 def test_eval_layer_has_no_dropout(dora_calls):
