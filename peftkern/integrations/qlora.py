@@ -7,8 +7,10 @@ follow peft 0.21's bnb forward for vanilla LoRA:
     result = base_layer(x)  (x cast to the compute dtype, x deq(W)ᵀ + b there, cast back to x's dtype)
     for each active adapter a: result += (lora_B[a](lora_A[a](dropout[a](x))) * scaling[a]).to(result.dtype)
 The first active adapter runs fused (the frozen weight is dequantised per call into a temporary, ops/lora_4bit.py);
-further ones with peft's own expression. Fused when x already has the compute dtype; otherwise (and under autocast,
-for DoRA on a 4-bit base, for 8-bit bases) peft's forward runs and the reason is logged (checks.note_fallback).
+further ones with peft's own expression. Fused when x already has the compute dtype, or under autocast to the compute
+dtype (or over an fp32 compute dtype: operands cast as autocast casts them); otherwise (e.g. fp32 hidden states
+into a bf16-compute layer without autocast, DoRA on a 4-bit base, 8-bit bases) peft's forward runs and the reason
+is logged (checks.note_fallback).
 """
 
 from __future__ import annotations
@@ -197,10 +199,14 @@ def _why_not_call(layer, x, args, kwargs) -> str | None:
         return f"input has {x.shape[-1]} features, the layer takes {base.in_features}"
     if x.device != base.weight.device:
         return "input, base weight and adapters are on different devices"
-    if _backend.autocast_dtype(x.device.type) is not None:
-        return "autocast on a 4-bit base (not fused yet)"
     cd = _compute_dtype(base, x)
-    if x.dtype != cd:
+    ac = _backend.autocast_dtype(x.device.type)
+    if ac is not None:
+        if ac not in FLOATS:
+            return "autocast to an unsupported dtype"
+        if cd not in (ac, torch.float32):  # bnb rounds x and W to cd, then autocast to ac: one rounding only if so
+            return f"autocast to {ac} on a 4-bit layer computing in {cd}"
+    elif x.dtype != cd:
         return f"input dtype {x.dtype} differs from the 4-bit layer's compute dtype {cd}"
     a0 = _active(layer)[0]
     if x.dtype != layer.lora_A[a0].weight.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
@@ -228,17 +234,27 @@ def _fused_forward(self, x, *args, **kwargs):
     s = float(self.scaling[a0])
     drop = self.lora_dropout[a0]
     p = float(drop.p) if drop.training and type(drop) is nn.Dropout else 0.0
-    b = None if base.bias is None else base.bias.to(x.dtype)
+    ac = _backend.autocast_dtype(x.device.type)
+    dt = x.dtype if ac is None else ac  # the op's dtype: x's (= the compute dtype), or autocast's
+    b = None if base.bias is None else base.bias.to(dt)
     lb = lora_b.bias  # lora_bias=True: s * b_B folds into the base bias
     if lb is not None:
-        extra = (lb * s).to(x.dtype)
+        extra = (lb * s).to(dt)
         b = extra if b is None else b + extra
-    y = _ops.lora_linear_4bit(x, w, w.quant_state, b, lora_a.weight, lora_b.weight, s, p)
+    if ac is None:
+        y = _ops.lora_linear_4bit(x, w, w.quant_state, b, lora_a.weight, lora_b.weight, s, p)
+    else:  # every operand cast as autocast casts peft's linears, then no recast inside
+        with torch.autocast(x.device.type, enabled=False):
+            y = _ops.lora_linear_4bit(x.to(ac), w, w.quant_state, b, lora_a.weight.to(ac), lora_b.weight.to(ac),
+                                      s, p)
+        y = y.to(torch.promote_types(x.dtype, ac))  # peft: base output cast back to x's dtype + the LoRA term
     if len(active) > 1:
         result_dtype = y.dtype
         for a in active[1:]:  # peft's own expression for the 2nd.. active adapters
-            x = self._cast_input_dtype(x, self.lora_A[a].weight.dtype)
-            y = y + (self.lora_B[a](self.lora_A[a](self.lora_dropout[a](x))) * self.scaling[a]).to(result_dtype)
+            if ac is None:
+                x = self._cast_input_dtype(x, self.lora_A[a].weight.dtype)
+            out = self.lora_B[a](self.lora_A[a](self.lora_dropout[a](x))) * self.scaling[a]
+            y = y + (out.to(result_dtype) if ac is None else out)
     return y
 
 

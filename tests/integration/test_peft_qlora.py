@@ -132,6 +132,32 @@ def test_parity_with_peft_bnb(quant_type, nested, dtype, backend, fused_calls):
     assert torch.equal(again[1], plain[1])
 
 
+@pytest.mark.parametrize("layer_dtype", [torch.bfloat16, torch.float32])
+def test_autocast_parity(layer_dtype, fused_calls):
+    """The usual QLoRA training step: an fp32 model (norms, embeddings) under bf16 autocast, the 4-bit layers
+    computing in bf16 (or fp32, which autocast overrides): operands cast as autocast casts peft's linears."""
+    model, oracle = qlora_model("nf4", True, torch.float32)
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.compute_dtype = layer_dtype
+    model.train()
+    oracle.train()
+    inputs = batch("llama")
+
+    def run_ac(mdl):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            return run(mdl, inputs)
+
+    plain, want = run_ac(model), run(oracle, inputs)
+    s = accelerate(model)
+    assert s.fused_now == 14, str(s)
+    with peftkern.use_backend("torch"):
+        ours = run_ac(model)
+    assert len(fused_calls) == 14
+    assert_matches(ours, plain, want, 1e-3)
+    restore(model)
+
+
 def test_plain_lora_linear_on_4bit_base(fused_calls):
     """A model not flagged as loaded in 4 bit: peft wraps the bnb bases with lora.Linear; taken too."""
     model, oracle = qlora_model("nf4", True, loaded_in_4bit=False)
