@@ -31,6 +31,7 @@ class Summary:
     ia3_fused_now: int = 0
     prefix_layers: int = 0  # attention layers of a prefix-tuning model routed through prefix_attention
     group_candidates: int = 0  # sets of sibling LoRA layers with one in_features (lora_group.py)
+    backends: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # of fused LoRA layers
 
     def __str__(self) -> str:
         why = "; ".join(f"{r}: {n}" for r, n in self.reasons.most_common())
@@ -38,7 +39,9 @@ class Summary:
         ia3 += f", {self.prefix_layers} prefix-tuning attention layers" if self.prefix_layers else ""
         groups = (f"; {self.group_candidates} candidate projection groups (siblings that read one tensor group at "
                   "the first forward: peftkern.projection_groups(model))" if self.group_candidates else "")
-        return (f"{self.fused_now} of {self.lora_layers} LoRA layers{ia3} run peftkern's fused ops{groups}"
+        on = ", ".join(f"{n} on {b}" for b, n in self.backends.most_common())
+        on = f" ({on})" if on else ""
+        return (f"{self.fused_now} of {self.lora_layers} LoRA layers{on}{ia3} run peftkern's fused ops{groups}"
                 + (f"; the others keep peft's forward ({why})" if why else ""))
 
 
@@ -64,6 +67,7 @@ def accelerate(model: nn.Module, group_projections: bool = True) -> Summary:
         now = impl.state_why_not(mod)
         if now is None:
             summary.fused_now += 1
+            summary.backends[impl.backend_of(mod)] += 1
         else:
             summary.reasons[now] += 1
     if group_projections:

@@ -316,6 +316,21 @@ def state_why_not(layer) -> str | None:
     return _layer_why_not(layer, active)
 
 
+def backend_of(layer) -> str:
+    """The backend the layer's fused calls run on for its device, as the op would choose it now (the use_backend
+    request and PEFTKERN_BACKEND at this moment); "cuda decode (M <= 16, inference), else triton" for an explicit
+    cuda request, whose decode kernel depends on the call."""
+    plan = _plan(layer)
+    w = plan.base._parameters["weight"]
+    try:
+        fwd, bwd = _lora_ops._backends(w.device, plan.lora_a._parameters["weight"].shape[0])
+    except _backend.BackendUnavailable as e:
+        return f"unavailable ({e})"
+    if not fwd:
+        return f"cuda decode (M <= {_lora_ops.CUDA_DECODE_MAX_M}, inference), else {bwd}"
+    return fwd if fwd == bwd else f"{fwd} forward, {bwd} backward"
+
+
 def is_accelerated(module: nn.Module) -> bool:
     """True when `module` (a LoRA layer) has been patched by `accelerate`."""
     return _swap.is_swapped(module, _FUSED)

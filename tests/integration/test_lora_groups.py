@@ -260,3 +260,10 @@ def test_autocast_group_equals_the_layers(group_calls):
     torch.testing.assert_close(got[1], want[1])
     for n in want[2]:  # bf16 gradients: the group sums x's three contributions in another order than autograd
         torch.testing.assert_close(got[2][n], want[2][n], rtol=1.6e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_summary_states_each_fused_layers_backend(backend):
+    with peftkern.use_backend(backend):
+        summary = accelerate(decoder("llama"))
+    assert f"14 of 14 LoRA layers (14 on {backend}) run peftkern's fused ops" in str(summary)
