@@ -130,7 +130,7 @@ def _lora_linear_ok(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> bool
     if lora_B.dtype != lora_A.dtype or x.dim() < 1 or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
         return False
     (out_f, in_f), (r, a_in) = weight.shape, lora_A.shape
-    if x.shape[-1] != in_f or a_in != in_f or lora_B.shape != (out_f, r) or not 1 <= r <= min(in_f, out_f):
+    if x.shape[-1] != in_f or a_in != in_f or lora_B.shape != (out_f, r) or r < 1:
         return False
     dev = x.device
     if weight.device != dev or lora_A.device != dev or lora_B.device != dev:
@@ -145,12 +145,8 @@ def _lora_adapters(lora_A, lora_B, out_f, in_f) -> None:
     _dims_equal(lora_B, (out_f, r), lambda: f"lora_B has shape {_shape(lora_B)}, expected ({out_f}, {r}) (out, r)")
     _req(lora_A.dtype == lora_B.dtype, TypeError,
          lambda: f"lora_A is {lora_A.dtype} but lora_B is {lora_B.dtype}: adapters share one dtype")
-    def bad_rank():
-        return f"rank r={r} (lora_A.shape[0]) must be in [1, min(in, out)={min(in_f, out_f)}]"
-
-    _req(r >= 1, ValueError, bad_rank)
-    _req(r <= out_f, ValueError, bad_rank)
-    _req(r <= in_f, ValueError, bad_rank)
+    # Any rank peft accepts: r may exceed min(in, out) (the product is then not full rank; the math is the same).
+    _req(r >= 1, ValueError, lambda: f"rank r={r} (lora_A.shape[0]) must be >= 1")
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
@@ -189,7 +185,7 @@ def _lora_linear_backward_ok(dy, x, weight, lora_A, lora_B, t, scaling, dropout_
     if x.dim() < 1 or dy.dim() != x.dim() or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
         return False
     (out_f, in_f), (r, a_in) = weight.shape, lora_A.shape
-    if x.shape[-1] != in_f or a_in != in_f or lora_B.shape != (out_f, r) or not 1 <= r <= min(in_f, out_f):
+    if x.shape[-1] != in_f or a_in != in_f or lora_B.shape != (out_f, r) or r < 1:
         return False
     lead = x.shape[:-1]
     if dy.shape[-1] != out_f or dy.shape[:-1] != lead or t.shape != (lead.numel(), r):

@@ -226,7 +226,7 @@ def _good():
     (dict(bias=torch.randn(7)), ValueError, "bias has shape"),
     (dict(lora_A=torch.randn(2, 15)), ValueError, "lora_A has shape"),
     (dict(lora_B=torch.randn(8, 3)), ValueError, "lora_B has shape"),
-    (dict(lora_A=torch.randn(9, 16), lora_B=torch.randn(8, 9)), ValueError, "rank r=9"),
+    (dict(lora_A=torch.randn(0, 16), lora_B=torch.randn(8, 0)), ValueError, "rank r=0"),
     (dict(x=torch.randn(4, 16, dtype=torch.float64)), TypeError, "x must be float32"),
     (dict(x=torch.randn(4, 16).half()), TypeError, "x is torch.float16 but weight"),
     (dict(lora_B=torch.randn(8, 2).half()), TypeError, "lora_A is torch.float32 but lora_B"),
@@ -381,10 +381,49 @@ def test_backward_runs_on_the_forwards_backend(monkeypatch):
     assert calls == [1]
 
 
-def test_rank_above_128_goes_to_the_reference_and_says_so(monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("r", [192, 256, 512])
+def test_large_ranks(backend, r, p):
+    """Ranks past one 128-wide tile: the Triton kernels take them in chunks (forward, every gradient, the kernel's
+    own dropout mask). Small in/out keep the interpreter fast, so r also exceeds min(in, out) there; r = 256 runs
+    on a layer wider than the rank too."""
+    check_case(backend, torch.float32, (3, 7), 40, 36, r, p=p)
+    if r == 256:
+        check_case(backend, torch.float32, (13,), 300, 280, r, p=p)
+
+
+@pytest.mark.parametrize("mode", ["fused", "cublas"])
+def test_large_rank_both_gemm_modes(mode, monkeypatch):
+    """The chunked prologue (fused GEMM) and the chunked epilogue pass (cuBLAS mode), fp16 base, fp32 adapters,
+    with the deterministic backward (shrink + tn instead of the one-pass dy kernel) as well."""
+    monkeypatch.setenv("PEFTKERN_LORA_GEMM", mode)
+    check_case("triton", torch.float16, (19,), 40, 36, 200, p=0.1, adapter_dtype=torch.float32)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        check_case("triton", torch.float32, (19,), 40, 36, 300, p=0.1, bias=False)
+    finally:
+        torch.use_deterministic_algorithms(old, warn_only=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_rank_above_min_in_out(backend, p):
+    """peft accepts any rank, r > min(in, out) included (the product is then not full rank): so does the op."""
+    check_case(backend, torch.float32, (5, 3), 16, 24, 32, p=p)
+    check_case(backend, torch.float32, (9,), 24, 16, 20, p=p, bias=False)
+
+
+def test_large_rank_stays_on_triton(monkeypatch):
+    """r = 130 used to fall back to the torch reference; now the Triton kernels run it and nothing is logged."""
     import logging
 
+    from peftkern.ops import lora as lora_op
+
     monkeypatch.delenv("PEFTKERN_STRICT")
+    for name in ("lora_linear_fwd", "lora_linear_bwd"):
+        monkeypatch.setattr(lora_op.ref, name, lambda *a, _n=name, **k: pytest.fail(f"the reference {_n} ran"))
     records = []
     handler = logging.Handler()
     handler.emit = lambda rec: records.append(rec.getMessage())
@@ -392,10 +431,11 @@ def test_rank_above_128_goes_to_the_reference_and_says_so(monkeypatch):
     try:
         x, w, b, a, bb = make_inputs((6,), 160, 150, 130, torch.float32, torch.float32, True)
         with peftkern.use_backend("triton"):
-            peftkern.ops.lora_linear(x, w, b, a, bb, 0.5).sum().backward()
+            peftkern.ops.lora_linear(x, w, b, a, bb, 0.5, 0.1).sum().backward()
     finally:
         logging.getLogger("peftkern").removeHandler(handler)
-    assert any("r=130 > 128" in m for m in records), records
+    assert not records, records
+    assert a.grad is not None and bb.grad is not None
 
 
 def test_compile_inductor_matches_eager():

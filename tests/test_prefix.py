@@ -92,6 +92,22 @@ def test_prefix_64(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [192, 256])
+def test_head_dim_up_to_256(backend, dtype, D):
+    """Head dims past 128 (BLOCK_D = 256: the kernels' `_wide` tile lists): a padded one (192) and a full one."""
+    check_case(backend, dtype, 2, 4, 2, 19, 23, 5, D, mask="random")
+    check_case(backend, dtype, 1, 2, 2, 7, 9, 3, D, causal=False, shared=False)
+
+
+def test_head_dim_past_256_is_refused_by_triton():
+    """Strict mode (conftest): the Triton kernels refuse D > 256 and say why instead of falling back silently."""
+    leaves, _ = make_inputs(1, 2, 2, 3, 4, 2, 320, torch.float32)
+    with peftkern.use_backend("triton"), pytest.raises(peftkern.BackendUnavailable, match="head dim 320 > 256"):
+        prefix_attention(*leaves)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("shared", [True, False])
 def test_transformers_layout(backend, shared):
     """Strided q/k/v (B, L, H, D).transpose(1, 2), a transposed prefix, an expanded per-batch prefix."""

@@ -10,6 +10,10 @@ Backward (dW/db are left to torch when the base is trainable):
   tn:      dAᵀ = drop(x)ᵀ dt                    a skinny GEMM split over M, partials summed in fp32
 With cuBLAS for the big GEMMs ("cublas" gemm mode, the CUDA default), the LoRA term (and bias) is written
 first and cuBLAS adds x Wᵀ (dy W) onto it with beta=1, instead of a pass that reads the GEMM's output back.
+Any rank: up to MAX_BLOCK_R = 128 every kernel holds the rank in one tile, as it always did. Past it, the gemm
+prologue and the epilogue add the rank-r product in a loop over chunks of LOOP_BLOCK_R ranks (a loop, so the
+code stays one chunk's size; its fp32 FMA dots are large), and shrink, tn and dy take the rank chunks on a grid
+axis (dy then reads dy once per 128 ranks).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import triton
 import triton.language as tl
 
 from ._common import GEMM_CONFIGS, INTERPRET, block_r, configs, dot_precision, grouped_pid, m_key, sm_count, upcast_dots
+
+MAX_BLOCK_R = 128  # ranks a program holds in one tile; tn / dy take chunks of this size past it (grid axis 2)
+LOOP_BLOCK_R = 64  # the chunk of the gemm prologue / epilogue loops past MAX_BLOCK_R
 
 
 @triton.jit
@@ -50,10 +57,10 @@ def _gemm_lora_kernel(
     scaling, seed, p,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PREC_MAIN: tl.constexpr, PREC_LORA: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, NUM_RB: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """OUT[m, n] = Σ_k X[m,k] W[n,k] + s · (Σ_r T[m,r] U[n,r]) ⊙ keep(m, n) + BIAS[n]."""
+    """OUT[m, n] = Σ_k X[m,k] W[n,k] + s · (Σ_r T[m,r] U[n,r]) ⊙ keep(m, n) + BIAS[n]; r in NUM_RB chunks."""
     pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -71,6 +78,14 @@ def _gemm_lora_kernel(
     t = tl.load(T + rm[:, None] * stm + offs_r[None, :] * str_, mask=offs_r[None, :] < R, other=0.0)
     u = tl.load(U + rn[None, :] * sun + offs_r[:, None] * sur, mask=offs_r[:, None] < R, other=0.0)
     acc = tl.dot(t.to(tl.float32) * scaling, u.to(tl.float32), input_precision=PREC_LORA)
+    if NUM_RB > 1:
+        # Ranks past the first chunk. Not pipelined (num_stages=1): staged copies of these tiles would take the
+        # shared memory the main loop's stages need.
+        for i in tl.range(1, NUM_RB, num_stages=1):
+            rr = i * BLOCK_R + offs_r
+            t = tl.load(T + rm[:, None] * stm + rr[None, :] * str_, mask=rr[None, :] < R, other=0.0)
+            u = tl.load(U + rn[None, :] * sun + rr[:, None] * sur, mask=rr[:, None] < R, other=0.0)
+            acc = tl.dot(t.to(tl.float32) * scaling, u.to(tl.float32), acc, input_precision=PREC_LORA)
     if HAS_DROPOUT:
         acc = tl.where(_keep(seed, offs_m, pid_n * BLOCK_N, N, p, BLOCK_N), acc, 0.0)
     if HAS_BIAS:
@@ -160,11 +175,12 @@ def _tn_kernel(
     HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """P[s, n, r] = scale · Σ_{m in split s} drop(X)[m,n] T[m,r]; the caller sums P over s."""
+    """P[s, n, r] = scale · Σ_{m in split s} drop(X)[m,n] T[m,r]; the caller sums P over s. Grid axis 2 takes
+    the ranks in chunks of BLOCK_R."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     n_ok = offs_n < N
     r_ok = offs_r < R
     m_lo = pid_s * rows_per_split
@@ -207,11 +223,12 @@ def _dy_kernel(
 ):
     """One read of dy for both of its LoRA reductions:
     DT[m, r] += scale · Σ_{n in this block} DY[m,n] U[n,r]   (atomics across the column blocks; DT zeroed first)
-    P[s, n, r] = scale · Σ_{m in split s} DY[m,n] T[m,r]    (the caller sums P over s)."""
+    P[s, n, r] = scale · Σ_{m in split s} DY[m,n] T[m,r]    (the caller sums P over s).
+    Grid axis 2 takes the ranks in chunks of BLOCK_R (each chunk reads dy again: r > MAX_BLOCK_R only)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     n_ok = offs_n < N
     r_ok = offs_r < R
     u = tl.load(U + offs_n[:, None] * sun + offs_r[None, :] * sur, mask=n_ok[:, None] & r_ok[None, :],
@@ -252,10 +269,11 @@ def _lora_epilogue_kernel(
     som, son, stm, str_, sun, sur,
     scaling, seed, p,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, NUM_RB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """OUT[m, n] (+)= s · (Σ_r T[m,r] U[n,r]) ⊙ keep(m, n) + BIAS[n]: added onto a GEMM's output, or written
-    (ACCUMULATE=False) for a GEMM to add onto with beta=1, so the output is not read back by a separate pass."""
+    (ACCUMULATE=False) for a GEMM to add onto with beta=1, so the output is not read back by a separate pass.
+    r in NUM_RB chunks of BLOCK_R."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -266,6 +284,14 @@ def _lora_epilogue_kernel(
     u = tl.load(U + offs_n[None, :] * sun + offs_r[:, None] * sur, mask=n_ok[None, :] & (offs_r[:, None] < R),
                 other=0.0)
     lora = tl.dot(t.to(tl.float32) * scaling, u.to(tl.float32), input_precision=PREC)
+    if NUM_RB > 1:
+        for i in tl.range(1, NUM_RB, num_stages=1):  # ranks past the first chunk
+            rr = i * BLOCK_R + offs_r
+            t = tl.load(T + offs_m[:, None] * stm + rr[None, :] * str_, mask=m_ok[:, None] & (rr[None, :] < R),
+                        other=0.0)
+            u = tl.load(U + offs_n[None, :] * sun + rr[:, None] * sur, mask=n_ok[None, :] & (rr[:, None] < R),
+                        other=0.0)
+            lora = tl.dot(t.to(tl.float32) * scaling, u.to(tl.float32), lora, input_precision=PREC)
     if HAS_DROPOUT:
         lora = tl.where(_keep(seed, offs_m, tl.program_id(1) * BLOCK_N, N, p, BLOCK_N), lora, 0.0)
     if HAS_BIAS:
@@ -282,6 +308,13 @@ def _lora_epilogue_kernel(
 
 def _seed_int(seed) -> int:
     return 0 if seed is None else int(seed)
+
+
+def rank_blocks(r: int, chunk: int = MAX_BLOCK_R) -> tuple[int, int]:
+    """(BLOCK_R, number of rank chunks): r in one tile up to MAX_BLOCK_R, else in chunks of `chunk` ranks."""
+    if r <= MAX_BLOCK_R:
+        return block_r(r), 1
+    return chunk, triton.cdiv(r, chunk)
 
 
 def shrink(x2d, a_rk_strides, a, r, scale, p, seed, prec):
@@ -310,6 +343,7 @@ def gemm_lora(x2d, w, w_nk_strides, t, u, u_nr_strides, bias, out_dtype, N, scal
         return out
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # the kernel reads it with unit stride
+    br, nrb = rank_blocks(r, LOOP_BLOCK_R)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _gemm_lora_kernel[grid](
         x2d, w, t, u, bias if bias is not None else t, out,
@@ -319,7 +353,7 @@ def gemm_lora(x2d, w, w_nk_strides, t, u, u_nr_strides, bias, out_dtype, N, scal
         scaling, _seed_int(seed), p,
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0,
         PREC_MAIN=dot_precision(x2d.dtype), PREC_LORA=dot_precision(torch.float32),
-        UPCAST=upcast_dots(x2d.dtype), BLOCK_R=block_r(r),
+        UPCAST=upcast_dots(x2d.dtype), BLOCK_R=br, NUM_RB=nrb,
     )
     return out
 
@@ -332,6 +366,7 @@ def lora_epilogue_(out, t, u, u_nr_strides, bias, scaling, p, seed, accumulate=T
         return out
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # the kernel reads it with unit stride
+    br, nrb = rank_blocks(r, LOOP_BLOCK_R)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
     _lora_epilogue_kernel[grid](
         out, t, u, bias if bias is not None else t,
@@ -339,7 +374,7 @@ def lora_epilogue_(out, t, u, u_nr_strides, bias, scaling, p, seed, accumulate=T
         out.stride(0), out.stride(1), t.stride(0), t.stride(1), u_nr_strides[0], u_nr_strides[1],
         scaling, _seed_int(seed), p,
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, PREC=dot_precision(torch.float32), ACCUMULATE=accumulate,
-        BLOCK_R=block_r(r),
+        BLOCK_R=br, NUM_RB=nrb,
     )
     return out
 
@@ -376,12 +411,13 @@ def tn(x2d, t, scale, p, seed, prec):
     split = _num_splits(M, N, x2d.device)
     rows = triton.cdiv(M, split)
     part = torch.empty((split, N, r), device=x2d.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
+    br, nrb = rank_blocks(r)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split, nrb)
     _tn_kernel[grid](
         x2d, t, part, M, N, r, rows, m_key(M),
         x2d.stride(0), x2d.stride(1), t.stride(0), t.stride(1),
         scale, _seed_int(seed), p,
-        HAS_DROPOUT=p > 0.0, PREC=prec, BLOCK_R=block_r(r),
+        HAS_DROPOUT=p > 0.0, PREC=prec, BLOCK_R=br,
     )
     return part[0] if split == 1 else part.sum(0)
 
@@ -397,11 +433,12 @@ def dy_pass(dy, u, t, scale, prec):
         return dt, torch.zeros((N, r), device=dy.device, dtype=torch.float32)
     split = _num_splits(M, N, dy.device)
     part = torch.empty((split, N, r), device=dy.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
+    br, nrb = rank_blocks(r)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split, nrb)
     _dy_kernel[grid](
         dy, u, t, dt, part, M, N, r, triton.cdiv(M, split), m_key(M),
         dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), t.stride(0), t.stride(1),
-        scale, PREC=prec, BLOCK_R=block_r(r),
+        scale, PREC=prec, BLOCK_R=br,
     )
     return dt, (part[0] if split == 1 else part.sum(0))
 

@@ -9,6 +9,8 @@ Backward (three launches), P recomputed from the saved logsumexp:
   dk/dv: one program per (key block, b, kv head), looping over the head's GQA group and all query
          blocks that see the keys: no atomics, deterministic. Run for the sequence keys and for the
          prefix keys; a shared prefix gets fp32 partials per (b, kv head) that the caller sums.
+Head dims up to 256: a head is held in one BLOCK_D tile; past 128 the kernels autotune over their own,
+smaller (BLOCK_M, BLOCK_N) tiles (the `_wide` variants), as flash-attention does for its 256 head dim.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import triton.language as tl
 from ._common import configs, dot_precision, upcast_dots
 
 LOG2E = math.log2(math.e)
-MAX_HEAD_DIM = 128
+MAX_HEAD_DIM = 256
+WIDE_HEAD_DIM = 128  # past this (BLOCK_D = 256) the kernels run the `_wide` tile lists
 MAX_GRID_Y = 65535  # CUDA's limit on grid dim 1, which carries batch x heads
 
 
@@ -37,6 +40,20 @@ _DQ_CONFIGS = configs([_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4,
                        _cfg(16, 64, 4, 3)], _INTERP)
 _DKDV_CONFIGS = configs([_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 4),
                          _cfg(16, 64, 4, 3)], _INTERP)
+# BLOCK_D = 256: the accumulators are BLOCK_M (or BLOCK_N for dK/dV) x 256 fp32 per program, and each K/V stage
+# in shared memory twice the 128-wide one: smaller tiles, more warps, two stages. Chosen from ptxas -v on the
+# sm_90a lowering (fp16 operands, causal + mask; not yet timed on a GPU): these spill at most 96 bytes, where
+# other candidates (64x64 or 128x32 with one stage, 64x16 dq, 64x32 dk/dv) spilled 0.2-2 KB. The first entry of
+# each list (the one PEFTKERN_TUNE=0 keeps) needs at most ~137 KB of shared memory with fp32 operands, so it fits
+# an A100 too (fp32 operands spill heavily at any head dim: their dots are FMA loops, 128-wide tiles included).
+_FWD_CONFIGS_WIDE = [_cfg(64, 32, 8, 2), _cfg(128, 16, 8, 2), _cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2)]
+_DQ_CONFIGS_WIDE = [_cfg(32, 32, 8, 2), _cfg(16, 32, 8, 2), _cfg(16, 16, 4, 2)]
+_DKDV_CONFIGS_WIDE = [_cfg(32, 16, 8, 2), _cfg(16, 32, 8, 2), _cfg(16, 16, 4, 2)]
+
+
+def _wide(tuned, gpu):
+    """The same kernel autotuned over the tiles for BLOCK_D = 256 (same key: BLOCK_D is in it)."""
+    return triton.autotune(configs=configs(gpu, _INTERP), key=tuned.keys)(tuned.fn)
 
 
 @triton.jit
@@ -296,6 +313,11 @@ def _bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=nd)
 
 
+_fwd_kernel_wide = _wide(_fwd_kernel, _FWD_CONFIGS_WIDE)
+_bwd_dq_kernel_wide = _wide(_bwd_dq_kernel, _DQ_CONFIGS_WIDE)
+_bwd_dkdv_kernel_wide = _wide(_bwd_dkdv_kernel, _DKDV_CONFIGS_WIDE)
+
+
 # ---------------------------------------------------------------- launchers
 
 
@@ -325,6 +347,10 @@ def _common(q, dtype):
     return dict(PREC=dot_precision(dtype), UPCAST=upcast_dots(dtype), BLOCK_D=max(16, triton.next_power_of_2(D)))
 
 
+def _pick(q, narrow, wide):
+    return wide if q.shape[-1] > WIDE_HEAD_DIM else narrow
+
+
 def _l_key(L):
     return min(triton.next_power_of_2(max(L, 1)), 128)  # tune decode (L small) apart from prefill
 
@@ -340,7 +366,7 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, 
         return out, lse
     mask, smb, smn = _mask_args(key_padding_mask, q)
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](
+    _pick(q, _fwd_kernel, _fwd_kernel_wide)[grid](
         q, k, v, prefix_k, prefix_v, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *_pstrides(prefix_k), *_pstrides(prefix_v), smb, smn, *out.stride(),
         H, H // Hkv, L, S, P, D, scale * LOG2E, _l_key(L),
@@ -379,7 +405,7 @@ def prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, ke
     has_mask = key_padding_mask is not None
     if B * H * L > 0:
         grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
-        _bwd_dq_kernel[grid](
+        _pick(q, _bwd_dq_kernel, _bwd_dq_kernel_wide)[grid](
             q, k, v, prefix_k, prefix_v, mask, out, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *_pstrides(prefix_k), *_pstrides(prefix_v), smb, smn,
             *out.stride(), *dout.stride(),
@@ -392,7 +418,7 @@ def prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, ke
         kstr = kx.stride() if is_seq else _pstrides(kx)
         vstr = vx.stride() if is_seq else _pstrides(vx)
         grid = lambda meta, n=n: (triton.cdiv(n, meta["BLOCK_N"]), B * Hkv)
-        _bwd_dkdv_kernel[grid](
+        _pick(q, _bwd_dkdv_kernel, _bwd_dkdv_kernel_wide)[grid](
             q, kx, vx, mask, dout, lse, delta, gk, gv,
             *q.stride(), *kstr, *vstr, smb, smn, *dout.stride(), *gk.stride(), *gv.stride(),
             Hkv, G, L, n, D, S - L, scale * LOG2E, scale, _l_key(L),
