@@ -288,3 +288,41 @@ def test_no_persistent_dequantised_weight(monkeypatch):
     # needs no gradient, so autograd saved no weight for them)
     assert len(made) == 25
     assert all(r() is None for r in made)
+
+
+def test_peft_features_unchanged(monkeypatch):
+    """disable_adapter, deepcopy, pickle and merge/unmerge (peft re-quantises on merge: lossy, and the same lossy
+    result with or without accelerate) behave as on plain peft."""
+    import copy
+    import io
+
+    monkeypatch.setenv("PEFTKERN_STRICT", "1")
+    inputs = batch("llama")
+
+    def sequence(acc):
+        model, _ = qlora_model("nf4", True)
+        model.eval()
+        if acc:
+            assert accelerate(model).fused_now == 14
+        out = {}
+        with torch.no_grad():
+            out["fused"] = model(**inputs).logits
+            with model.disable_adapter():
+                out["disabled"] = model(**inputs).logits
+            if acc:
+                out["deepcopy"] = copy.deepcopy(model)(**inputs).logits
+                buf = io.BytesIO()
+                torch.save(model, buf)
+                buf.seek(0)
+                out["pickle"] = torch.load(buf, weights_only=False)(**inputs).logits
+            model.merge_adapter()
+            out["merged"] = model(**inputs).logits
+            model.unmerge_adapter()
+            out["unmerged"] = model(**inputs).logits
+        return out
+
+    ours, plain = sequence(True), sequence(False)
+    for k in ("fused", "disabled", "merged", "unmerged"):
+        torch.testing.assert_close(ours[k], plain[k], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours["deepcopy"], ours["fused"], rtol=0, atol=0)
+    torch.testing.assert_close(ours["pickle"], ours["fused"], rtol=0, atol=0)
