@@ -372,7 +372,7 @@ def test_backward_runs_on_the_forwards_backend(monkeypatch):
 
     calls = []
     real = lora_op.ref.lora_linear_bwd
-    monkeypatch.setattr(lora_op.ref, "lora_linear_bwd", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lora_op.ref, "lora_linear_bwd", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, w, b, a, bb = make_inputs((5,), 24, 20, 4, torch.float32, torch.float32, True)
     with peftkern.use_backend("torch"):
         y = peftkern.ops.lora_linear(x, w, b, a, bb, 0.5, 0.1)

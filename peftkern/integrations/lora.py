@@ -54,9 +54,6 @@ def _layer_why_not(layer, active: list[str]) -> str | None:
         return "lora_A and lora_B have different dtypes"
     if lora_b.bias is not None and lora_b.bias.dtype != lora_b.weight.dtype:
         return "lora_B.bias dtype differs from lora_B.weight's"
-    r, in_f = lora_a.weight.shape
-    if r > min(in_f, lora_b.weight.shape[0]):
-        return f"rank {r} exceeds min(in, out)"
     why = _shapes_why_not(layer.base_layer, lora_a, lora_b)
     if why is not None:
         return why

@@ -135,8 +135,6 @@ def _layer_why_not(layer, active: list[str]) -> str | None:
     r = lora_a.weight.shape[0]
     if lora_a.weight.shape != (r, base.in_features) or lora_b.weight.shape != (base.out_features, r):
         return "lora_A/lora_B shapes do not match the base layer"
-    if r > min(base.in_features, base.out_features):
-        return f"rank {r} exceeds min(in, out)"
     devs = {t.device for t in (base.weight, base.bias, lora_a.weight, lora_b.weight) if t is not None}
     if len(devs) != 1:
         return "base weight and adapters are on different devices"
@@ -165,7 +163,7 @@ def backend_of(layer) -> str:
     """The backends the layer's fused calls run on now: the dequantisation's and the LoRA GEMM's."""
     w = layer.base_layer.weight
     try:
-        deq = _backend.dispatch("dequantize_4bit", w.device, {"torch": lambda: None, "triton": lambda: None})
+        deq = _ops.dequant_backend(w.device)
         fwd, bwd = _lora_ops._backends(w.device, layer.lora_A[_active(layer)[0]].weight.shape[0])
     except (_backend.BackendUnavailable, IndexError) as e:
         return f"unavailable ({e})"

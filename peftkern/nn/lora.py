@@ -24,8 +24,8 @@ class LoraLinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        if not 1 <= r <= min(base.in_features, base.out_features):
-            raise ValueError(f"r={r} must be in [1, min(in, out)={min(base.in_features, base.out_features)}]")
+        if not (isinstance(r, int) and r >= 1):
+            raise ValueError(f"r={r!r} must be a positive int (any rank peft takes, past min(in, out) too)")
         self.base = base
         self.base.requires_grad_(False)
         self.r = r

@@ -267,3 +267,18 @@ def test_summary_states_each_fused_layers_backend(backend):
     with peftkern.use_backend(backend):
         summary = accelerate(decoder("llama"))
     assert f"14 of 14 LoRA layers (14 on {backend}) run peftkern's fused ops" in str(summary)
+
+
+def test_rank_above_min_in_out_is_fused(group_calls):
+    """peft takes r > min(in, out) (k_proj/v_proj here are 32 -> 16 with r = 24): so does accelerate."""
+    plain = decoder("llama", r=24).train()
+    oracle = copy.deepcopy(plain).double()
+    ours = copy.deepcopy(plain)
+    summary = accelerate(ours)
+    assert summary.fused_now == summary.lora_layers == 14, summary
+    inputs = batch("llama")
+    with peftkern.use_backend("torch"):
+        run(ours, inputs)
+        got = run(ours, inputs)
+    assert group_calls
+    assert_matches_peft(got, run(plain, inputs), run(oracle, inputs))
