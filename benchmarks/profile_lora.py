@@ -38,8 +38,8 @@ def main():
         "bwd shrink dt=s*dy B": lambda: tri.shrink(dy, (B.stride(1), B.stride(0)), B, R, 2.0, 0.0, None, prec),
         "bwd gemm dx (+dropout epi)": lambda: tri.gemm_lora(dy, w, (w.stride(1), w.stride(0)), t, A,
                                                             (A.stride(1), A.stride(0)), None, dt, D, 1.1, p, 7),
-        "bwd tn dA (dropout)": lambda: tri.tn(x, t, 1.1, p, 7, prec),
-        "bwd tn dB": lambda: tri.tn(dy, t, 2.0, 0.0, None, prec),
+        "bwd adapter_grad dA (dropout)": lambda: tri.adapter_grad(x, t, 1.1, p, 7, prec),
+        "bwd adapter_grad dB": lambda: tri.adapter_grad(dy, t, 2.0, 0.0, None, prec),
     }
     bw = 3.0e12  # measured D2D copy on this H100 (KINDS.md), bytes read + written per second
     print(f"M={M} D={D} r={R} p={p} bf16 on {torch.cuda.get_device_name()}")
@@ -47,7 +47,7 @@ def main():
         ms = do_bench(fn, warmup=25, rep=100)
         print(f"{name:<30}{ms * 1e3:9.1f} us   (one read of an MxD bf16 tensor: {M * D * 2 / bw * 1e6:.0f} us;"
               f" GEMM at 750 TF: {2 * M * D * D / 750e12 * 1e6:.0f} us)")
-    for k in (tri._gemm_lora_kernel, tri._shrink_kernel, tri._tn_kernel):
+    for k in (tri._gemm_lora_kernel, tri._shrink_kernel, tri._adapter_grad_kernel):
         cache = getattr(k, "cache", {})
         for key, cfg in cache.items():
             print(f"{getattr(k.fn, '__name__', k.fn.fn.__name__)}: {key[:4]} -> {cfg}")

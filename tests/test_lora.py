@@ -171,7 +171,7 @@ def test_frozen_adapters_skip_their_reductions(backend, p, monkeypatch):
     import peftkern.triton.lora as tri
 
     calls = []
-    for mod, name in ((tri, "tn"), (ref, "dropout_keep")):
+    for mod, name in ((tri, "adapter_grad"), (ref, "dropout_keep")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     x, w, b, a, bb = make_inputs((3, 7), 40, 24, 4, torch.float32, torch.float32, True)
@@ -187,7 +187,7 @@ def test_frozen_adapters_skip_their_reductions(backend, p, monkeypatch):
     lora_dx = ((dy.reshape(21, 24).double() @ bb.double()) * 0.5 @ a.double()) * keep.double() / (1 - p)
     want = dy.reshape(21, 24).double() @ w.double() + lora_dx
     torch.testing.assert_close(x.grad.reshape(21, 40).double(), want, atol=1e-4, rtol=1e-4)
-    assert "tn" not in calls and a.grad is None and bb.grad is None
+    assert "adapter_grad" not in calls and a.grad is None and bb.grad is None
 
 
 # ------------------------------------------------------------------ dropout semantics
@@ -351,8 +351,8 @@ def test_dropout_mask_same_in_every_kernel(p):
     # shrink: t = drop(1) · Iᵀ / (1-p)... with scale 1 the kept entries are exactly 1.
     t = tri.shrink(ones, eye.stride(), eye, n, 1.0, p, seed, prec)
     torch.testing.assert_close(t, keep, rtol=0, atol=0)
-    # tn: P[k, r] = Σ_m drop(1)[m, k] · I[m, r] = keep[r, k].
-    torch.testing.assert_close(tri.tn(ones, eye_m, 1.0, p, seed, prec).t(), keep, rtol=0, atol=0)
+    # adapter_grad: P[k, r] = Σ_m drop(1)[m, k] · I[m, r] = keep[r, k].
+    torch.testing.assert_close(tri.adapter_grad(ones, eye_m, 1.0, p, seed, prec).t(), keep, rtol=0, atol=0)
     # GEMM epilogue (dx path) and the in-place epilogue: lora term = 1 everywhere, masked.
     col = torch.ones(m, 1, device=DEVICE)
     row = torch.ones(n, 1, device=DEVICE)
@@ -396,7 +396,7 @@ def test_large_ranks(backend, r, p):
 @pytest.mark.parametrize("mode", ["fused", "cublas"])
 def test_large_rank_both_gemm_modes(mode, monkeypatch):
     """The chunked prologue (fused GEMM) and the chunked epilogue pass (cuBLAS mode), fp16 base, fp32 adapters,
-    with the deterministic backward (shrink + tn instead of the one-pass dy kernel) as well."""
+    with the deterministic backward (shrink + adapter_grad instead of the one-pass dy kernel) as well."""
     monkeypatch.setenv("PEFTKERN_LORA_GEMM", mode)
     check_case("triton", torch.float16, (19,), 40, 36, 200, p=0.1, adapter_dtype=torch.float32)
     old = torch.are_deterministic_algorithms_enabled()

@@ -35,7 +35,7 @@ for arch in (90, 80):
                                              "EVEN_K": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64,
                                              "GROUP_M": 8}, arch, 8, 4)
         assert arch != 90 or "wgmma" in g.asm["ptx"], "the Hopper main loop is off the tensor-core path"
-        compile_(tri._tn_kernel, {"HAS_DROPOUT": drop, "PREC": "ieee", "BLOCK_R": 16, "BLOCK_N": 128,
+        compile_(tri._adapter_grad_kernel, {"HAS_DROPOUT": drop, "PREC": "ieee", "BLOCK_R": 16, "BLOCK_N": 128,
                                   "BLOCK_M": 64}, arch)
         for acc in (False, True):
             compile_(tri._lora_epilogue_kernel, {"HAS_BIAS": True, "HAS_DROPOUT": drop, "PREC": "ieee",
@@ -45,8 +45,8 @@ for arch in (90, 80):
     assert "red.global" in d.asm["ptx"] or "atom.global" in d.asm["ptx"], "dt must be summed with atomics"
     if arch != 90:
         continue  # the large-rank kernels take ~1 min to lower per arch here: Hopper (the lent GPU) only
-    # r = 512: the gemm prologue and the epilogue loop over eight 64-rank chunks (not pipelined); tn / dy take a
-    # 128-rank chunk each (rank chunks on grid axis 2), at the GPU autotune lists' largest tiles.
+    # r = 512: the gemm prologue and the epilogue loop over eight 64-rank chunks (not pipelined); adapter_grad / dy
+    # take a 128-rank chunk each (rank chunks on grid axis 2), at the GPU autotune lists' largest tiles.
     big = {"BLOCK_R": tri.LOOP_BLOCK_R, "NUM_RB": 8}
     tile = {"HAS_BIAS": True, "HAS_DROPOUT": True, "PREC_MAIN": "tf32", "PREC_LORA": "ieee", "UPCAST": False,
             "EVEN_K": True, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}
@@ -56,8 +56,8 @@ for arch in (90, 80):
     assert g.metadata.shared <= small.metadata.shared, "the rank loop must not be pipelined (staged smem copies)"
     compile_(tri._lora_epilogue_kernel, {"HAS_BIAS": True, "HAS_DROPOUT": True, "PREC": "ieee", "ACCUMULATE": False,
                                          "BLOCK_M": 128, "BLOCK_N": 128, **big}, arch, 8, 2)
-    compile_(tri._tn_kernel, {"HAS_DROPOUT": True, "PREC": "ieee", "BLOCK_R": 128, "BLOCK_N": 256, "BLOCK_M": 32},
-             arch, 8, 3)
+    compile_(tri._adapter_grad_kernel, {"HAS_DROPOUT": True, "PREC": "ieee", "BLOCK_R": 128, "BLOCK_N": 256,
+                                        "BLOCK_M": 32}, arch, 8, 3)
     compile_(tri._dy_kernel, {"PREC": "ieee", "BLOCK_R": 128, "BLOCK_N": 256, "BLOCK_M": 32}, arch, 8, 3)
 print("compiled")
 '''

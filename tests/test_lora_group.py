@@ -154,8 +154,9 @@ def test_x_read_once_per_group(monkeypatch):
     from peftkern.triton import lora as tri
     from peftkern.triton import lora_group as tg
 
-    calls = {"group_shrink": 0, "group_tn": 0, "group_epilogue_": 0, "shrink": 0, "tn": 0}
-    for mod, name in ((tg, "group_shrink"), (tg, "group_tn"), (tg, "group_epilogue_"), (tri, "shrink"), (tri, "tn")):
+    calls = {"group_shrink": 0, "group_adapter_grad": 0, "group_epilogue_": 0, "shrink": 0, "adapter_grad": 0}
+    for mod, name in ((tg, "group_shrink"), (tg, "group_adapter_grad"), (tg, "group_epilogue_"), (tri, "shrink"),
+                      (tri, "adapter_grad")):
         real = getattr(mod, name)
 
         def counted(*a, _real=real, _name=name, **k):
@@ -170,7 +171,8 @@ def test_x_read_once_per_group(monkeypatch):
     with peftkern.use_backend("triton"):
         ys = lora_linear_group(x, members)
         sum(y.sum() for y in ys).backward()
-    assert calls == {"group_shrink": 1, "group_tn": 1, "group_epilogue_": 1, "shrink": 0, "tn": 0}, calls
+    want = {"group_shrink": 1, "group_adapter_grad": 1, "group_epilogue_": 1, "shrink": 0, "adapter_grad": 0}
+    assert calls == want, calls
 
 
 def test_no_grad_and_nd_input():

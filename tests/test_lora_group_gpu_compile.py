@@ -34,7 +34,7 @@ def compile_(kernel, const, arch, warps=4, stages=3):
 arch = 90
 compile_(tg._group_shrink_kernel, {"G": 3, "HAS_DROPOUT": True, "PREC": "ieee", "BLOCK_R": 64, "BLOCK_M": 32,
                                    "BLOCK_K": 128}, arch)
-compile_(tg._group_tn_kernel, {"G": 3, "HAS_DROPOUT": True, "PREC": "ieee", "BLOCK_R": 64, "BLOCK_N": 64,
+compile_(tg._group_adapter_grad_kernel, {"G": 3, "HAS_DROPOUT": True, "PREC": "ieee", "BLOCK_R": 64, "BLOCK_N": 64,
                                "BLOCK_M": 64}, arch)
 compile_(tg._group_epilogue_kernel, {"G": 3, "HAS_DROPOUT": True, "PREC": "ieee", "ACCUMULATE": True,
                                      "BLOCK_R": 64, "BLOCK_M": 64, "BLOCK_N": 128}, arch, 4, 2)

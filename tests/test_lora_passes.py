@@ -52,7 +52,7 @@ def test_backward_with_one_pass_over_dy(mode, p, nondeterministic, monkeypatch):
 def _launches(monkeypatch) -> list[str]:
     """Names of the LoRA kernels launched (each launch reads or writes the activations it names once)."""
     seen = []
-    for name in ("_shrink_kernel", "_dy_kernel", "_tn_kernel", "_lora_epilogue_kernel", "_gemm_lora_kernel"):
+    for name in ("_shrink_kernel", "_dy_kernel", "_adapter_grad_kernel", "_lora_epilogue_kernel", "_gemm_lora_kernel"):
         kernel = getattr(tri, name)
 
         class Counting:
@@ -69,14 +69,15 @@ def _launches(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("mode, deterministic, fwd, bwd", [
     # cuBLAS mode: shrink reads x, the epilogue writes the LoRA term (cuBLAS adds x Wᵀ on it); backward: one
-    # pass over dy (dt + dB), the dx LoRA term written, one tn reading x for dA.
+    # pass over dy (dt + dB), the dx LoRA term written, one adapter_grad reading x for dA.
     ("cublas", False, ["_shrink_kernel", "_lora_epilogue_kernel"],
-     ["_dy_kernel", "_lora_epilogue_kernel", "_tn_kernel"]),
+     ["_dy_kernel", "_lora_epilogue_kernel", "_adapter_grad_kernel"]),
     # fused mode: the LoRA term rides in the GEMM's prologue, nothing is written twice.
-    ("fused", False, ["_shrink_kernel", "_gemm_lora_kernel"], ["_dy_kernel", "_gemm_lora_kernel", "_tn_kernel"]),
-    # deterministic algorithms: no atomics, dy is read twice (shrink for dt, tn for dB).
+    ("fused", False, ["_shrink_kernel", "_gemm_lora_kernel"],
+     ["_dy_kernel", "_gemm_lora_kernel", "_adapter_grad_kernel"]),
+    # deterministic algorithms: no atomics, dy is read twice (shrink for dt, adapter_grad for dB).
     ("cublas", True, ["_shrink_kernel", "_lora_epilogue_kernel"],
-     ["_shrink_kernel", "_lora_epilogue_kernel", "_tn_kernel", "_tn_kernel"]),
+     ["_shrink_kernel", "_lora_epilogue_kernel", "_adapter_grad_kernel", "_adapter_grad_kernel"]),
 ])
 def test_launches_per_layer(mode, deterministic, fwd, bwd, monkeypatch):
     monkeypatch.setenv("PEFTKERN_LORA_GEMM", mode)
@@ -103,7 +104,7 @@ def test_autotune_keys_separate_decode_from_training_and_dropout():
     import peftkern.triton.adapter as adapter
     import peftkern.triton.ia3 as ia3
 
-    tuned = {"lora": [tri._gemm_lora_kernel, tri._shrink_kernel, tri._tn_kernel, tri._lora_epilogue_kernel,
+    tuned = {"lora": [tri._gemm_lora_kernel, tri._shrink_kernel, tri._adapter_grad_kernel, tri._lora_epilogue_kernel,
                       tri._dy_kernel],
              "ia3": [ia3._ia3_gemm_kernel],
              "adapter": [adapter._fwd_kernel, adapter._bwd_dz_kernel, adapter._bwd_cols_kernel]}

@@ -50,7 +50,7 @@ def no_launch(monkeypatch):
     # The Triton kernels themselves, in case a launcher were reached some other way.
     from peftkern.triton import lora as tri
 
-    for name in ("shrink", "gemm_lora", "lora_epilogue_", "tn", "dy_pass"):
+    for name in ("shrink", "gemm_lora", "lora_epilogue_", "adapter_grad", "dy_pass"):
         monkeypatch.setattr(tri, name, lambda *a, _n=name, **k: (_ for _ in ()).throw(Launched(_n)))
 
 

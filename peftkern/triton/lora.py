@@ -5,15 +5,15 @@ Forward:
   gemm:    y = x Wᵀ + s · t Bᵀ + b               LoRA term and bias in the prologue, y written once
 Backward (dW/db are left to torch when the base is trainable):
   dy:      dt = s · dy B,  dB = s · dyᵀ t       one read of dy (dt summed with atomics; under deterministic
-                                                algorithms a shrink for dt and a tn for dB instead)
+                                                algorithms a shrink for dt and an adapter_grad for dB instead)
   gemm:    dx = dy W + (dt A) ⊙ keep / (1 - p)  the LoRA term and the regenerated mask in the epilogue
-  tn:      dAᵀ = drop(x)ᵀ dt                    a skinny GEMM split over M, partials summed in fp32
+  adapter_grad:      dAᵀ = drop(x)ᵀ dt                    a skinny GEMM split over M, partials summed in fp32
 With cuBLAS for the big GEMMs ("cublas" gemm mode, the CUDA default), the LoRA term (and bias) is written
 first and cuBLAS adds x Wᵀ (dy W) onto it with beta=1, instead of a pass that reads the GEMM's output back.
 Any rank: up to MAX_BLOCK_R = 128 every kernel holds the rank in one tile, as it always did. Past it, the gemm
 prologue and the epilogue add the rank-r product in a loop over chunks of LOOP_BLOCK_R ranks (a loop, so the
-code stays one chunk's size; its fp32 FMA dots are large), and shrink, tn and dy take the rank chunks on a grid
-axis (dy then reads dy once per 128 ranks).
+code stays one chunk's size; its fp32 FMA dots are large), and shrink, adapter_grad and dy take the rank chunks on
+a grid axis (dy then reads dy once per 128 ranks).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._common import GEMM_CONFIGS, INTERPRET, block_r, configs, dot_precision, grouped_pid, m_key, sm_count, upcast_dots
 
-MAX_BLOCK_R = 128  # ranks a program holds in one tile; tn / dy take chunks of this size past it (grid axis 2)
+MAX_BLOCK_R = 128  # ranks a program holds in one tile; adapter_grad / dy take chunks of this size past it (grid axis 2)
 LOOP_BLOCK_R = 64  # the chunk of the gemm prologue / epilogue loops past MAX_BLOCK_R
 
 
@@ -155,7 +155,7 @@ def _shrink_kernel(
              mask=m_ok[:, None] & r_ok[None, :])
 
 
-_TN_CONFIGS = configs(
+_ADAPTER_GRAD_CONFIGS = configs(
     [
         triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 64, "BLOCK_M": 128}, num_warps=4, num_stages=3),
@@ -165,9 +165,9 @@ _TN_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_TN_CONFIGS, key=["N", "R", "M_KEY", "HAS_DROPOUT"])
+@triton.autotune(configs=_ADAPTER_GRAD_CONFIGS, key=["N", "R", "M_KEY", "HAS_DROPOUT"])
 @triton.jit
-def _tn_kernel(
+def _adapter_grad_kernel(
     X, T, P,
     M, N, R, rows_per_split, M_KEY,
     sxm, sxn, stm, str_,
@@ -402,7 +402,7 @@ def _num_splits(M: int, N: int, device) -> int:
     return max(1, min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(M, 256), 64))
 
 
-def tn(x2d, t, scale, p, seed, prec):
+def adapter_grad(x2d, t, scale, p, seed, prec):
     """(N, r) fp32 = scale · drop(x2d)ᵀ · t, reduced over M in splits."""
     M, N = x2d.shape
     r = t.shape[1]
@@ -413,7 +413,7 @@ def tn(x2d, t, scale, p, seed, prec):
     part = torch.empty((split, N, r), device=x2d.device, dtype=torch.float32)
     br, nrb = rank_blocks(r)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split, nrb)
-    _tn_kernel[grid](
+    _adapter_grad_kernel[grid](
         x2d, t, part, M, N, r, rows, m_key(M),
         x2d.stride(0), x2d.stride(1), t.stride(0), t.stride(1),
         scale, _seed_int(seed), p,
@@ -425,7 +425,7 @@ def tn(x2d, t, scale, p, seed, prec):
 def dy_pass(dy, u, t, scale, prec):
     """(dt (M, r), dB (N, r)) fp32 = scale · dy·U and scale · dyᵀ·t from one read of dy (M, N); U[n, r] is
     lora_B. dt is summed with float atomics, so its last bits vary run to run: callers take the two-pass
-    path (shrink + tn) under torch.use_deterministic_algorithms."""
+    path (shrink + adapter_grad) under torch.use_deterministic_algorithms."""
     M, N = dy.shape
     r = t.shape[1]
     dt = torch.zeros((M, r), device=dy.device, dtype=torch.float32)
@@ -484,9 +484,9 @@ def lora_linear_bwd(dy, x2d, weight, lora_A, lora_B, t, scaling, p, seed, need_d
                        weight.shape[1], inv_keep, p, seed)
     if not need_ab:
         return dx, None, None
-    d_a = tn(x2d, dt, inv_keep, p, seed, prec).t().to(lora_A.dtype).contiguous()
+    d_a = adapter_grad(x2d, dt, inv_keep, p, seed, prec).t().to(lora_A.dtype).contiguous()
     if d_b is None:
-        d_b = tn(dy, t, scaling, 0.0, None, prec)
+        d_b = adapter_grad(dy, t, scaling, 0.0, None, prec)
     return dx, d_a, d_b.to(lora_B.dtype)
 
 

@@ -3,7 +3,7 @@
 Each member keeps its own dropout seed and probability, so its mask is the one its own lora_linear call
 would draw (`lora._keep` with its seed): a group computes exactly what the members compute one by one.
   group_shrink:    t_g = drop_g(x) A_gᵀ for every member from one read of x
-  group_tn:        dA_gᵀ = drop_g(x)ᵀ dt_g for every member from one read of x
+  group_adapter_grad:        dA_gᵀ = drop_g(x)ᵀ dt_g for every member from one read of x
   group_epilogue_: dx = Σ_g (dt_g A_g) ⊙ keep_g / (1 - p_g), written once (the GEMMs add dy_g W_g onto it)
 A kernel takes up to MAX_MEMBERS members; the launchers run larger groups in chunks.
 """
@@ -81,7 +81,7 @@ def _group_shrink_kernel(
                  mask=m_ok[:, None] & (offs_r[None, :] < R2))
 
 
-_TN_CONFIGS = configs(
+_ADAPTER_GRAD_CONFIGS = configs(
     [
         triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 128, "BLOCK_M": 32}, num_warps=8, num_stages=3),
@@ -98,9 +98,9 @@ def _masked_t(xt, seed, p, offs_m, n0, N, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl
     return xt
 
 
-@triton.autotune(configs=_TN_CONFIGS, key=["N", "G", "BLOCK_R", "M_KEY", "HAS_DROPOUT"])
+@triton.autotune(configs=_ADAPTER_GRAD_CONFIGS, key=["N", "G", "BLOCK_R", "M_KEY", "HAS_DROPOUT"])
 @triton.jit
-def _group_tn_kernel(
+def _group_adapter_grad_kernel(
     X, T0, T1, T2, P0, P1, P2,
     M, N, R0, R1, R2, rows_per_split, M_KEY,
     sxm, sxn,
@@ -243,7 +243,7 @@ def group_shrink(x2d, lora_As, scales, ps, seeds):
     return ts
 
 
-def group_tn(x2d, dts, scales, ps, seeds):
+def group_adapter_grad(x2d, dts, scales, ps, seeds):
     """[(N, r_g) fp32 = scale_g · drop_g(x2d)ᵀ · dt_g], every chunk of members from one read of x2d."""
     M, N = x2d.shape
     if M == 0:
@@ -255,7 +255,7 @@ def group_tn(x2d, dts, scales, ps, seeds):
     for ch in _chunks(len(dts)):
         ts = [dts[i] for i in ch]
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
-        _group_tn_kernel[grid](
+        _group_adapter_grad_kernel[grid](
             x2d, *_pad(ts, ts[0]), *_pad([parts[i] for i in ch], parts[ch[0]]),
             M, N, *_pad([t.shape[1] for t in ts], 0), rows, m_key(M),
             x2d.stride(0), x2d.stride(1),
@@ -341,9 +341,9 @@ def lora_linear_group_bwd(dys, x2d, members, ts, seeds, need_dx, need_ab):
                 dx.addmm_(dys[g], members[g][0])
     if not need_ab or not live:
         return dx, d_as, d_bs
-    for g, d_a_t in zip(live, group_tn(x2d, [dts[g] for g in live], inv_keep, ps, sd)):
+    for g, d_a_t in zip(live, group_adapter_grad(x2d, [dts[g] for g in live], inv_keep, ps, sd)):
         d_as[g] = d_a_t.t().to(members[g][2].dtype).contiguous()
         if d_bs[g] is None:
-            d_bs[g] = lora.tn(dys[g], ts[g], members[g][4], 0.0, None, prec)
+            d_bs[g] = lora.adapter_grad(dys[g], ts[g], members[g][4], 0.0, None, prec)
         d_bs[g] = d_bs[g].to(members[g][3].dtype)
     return dx, d_as, d_bs
