@@ -32,10 +32,13 @@ class Summary:
     prefix_layers: int = 0  # attention layers of a prefix-tuning model routed through prefix_attention
     group_candidates: int = 0  # sets of sibling LoRA layers with one in_features (lora_group.py)
     backends: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # of fused LoRA layers
+    ia3_backends: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def __str__(self) -> str:
         why = "; ".join(f"{r}: {n}" for r, n in self.reasons.most_common())
-        ia3 = f", {self.ia3_fused_now} of {self.ia3_layers} IA3 layers" if self.ia3_layers else ""
+        ia3_on = ", ".join(f"{n} on {b}" for b, n in self.ia3_backends.most_common())
+        ia3_on = f" ({ia3_on})" if ia3_on else ""
+        ia3 = f", {self.ia3_fused_now} of {self.ia3_layers} IA3 layers{ia3_on}" if self.ia3_layers else ""
         ia3 += f", {self.prefix_layers} prefix-tuning attention layers" if self.prefix_layers else ""
         groups = (f"; {self.group_candidates} candidate projection groups (siblings that read one tensor group at "
                   "the first forward: peftkern.projection_groups(model))" if self.group_candidates else "")
@@ -80,6 +83,7 @@ def accelerate(model: nn.Module, group_projections: bool = True) -> Summary:
             why = _ia3.state_why_not(mod)
         if why is None:
             summary.ia3_fused_now += 1
+            summary.ia3_backends[_ia3.backend_of(mod)] += 1
         else:
             summary.reasons[why or "IA3 adapter disabled, merged or inactive"] += 1
     if _prefix.is_prefix_model(model):

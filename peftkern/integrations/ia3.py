@@ -28,6 +28,19 @@ def layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, IA3Layer)]
 
 
+def backend_of(layer) -> str:
+    """The backend the layer's fused calls run on for its device, as the op would choose it now; an explicit cuda
+    request is reported as such (checking it could mean building the extension)."""
+    req = _backend.requested_backend()
+    if req == "cuda":
+        return "cuda (requested)"
+    try:
+        return _backend.dispatch("ia3_linear", layer.base_layer.weight.device,
+                                 _ia3_ops._fwd_backends(bool(layer.is_feedforward)))
+    except _backend.BackendUnavailable as e:
+        return f"unavailable ({e})"
+
+
 def patchable(mod) -> str | None:
     from peft.tuners.ia3 import Linear
 

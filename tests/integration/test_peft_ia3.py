@@ -49,9 +49,11 @@ def test_parity_with_peft(arch, backend, op_calls):
     plain = ia3_model(arch)
     oracle = copy.deepcopy(plain).double()
     ours = copy.deepcopy(plain)
-    summary = peftkern.accelerate(ours)
+    with peftkern.use_backend(backend):
+        summary = peftkern.accelerate(ours)
     n_layers = len([m for m in ours.modules() if isinstance(m, peft.tuners.ia3.Linear)])
     assert summary.ia3_layers == summary.ia3_fused_now == n_layers > 0, str(summary)
+    assert f"{n_layers} of {n_layers} IA3 layers ({n_layers} on {backend})" in str(summary)  # the backend stated
     inputs = batch(arch)
     with peftkern.use_backend(backend):
         got = run(ours.train(), inputs)
