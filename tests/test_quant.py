@@ -81,3 +81,16 @@ def test_lora_linear_4bit_equals_lora_linear_on_dequantised(backend, p):
             res.append((y, gx, ga, gb))
     for got, want in zip(*res):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_request_runs_triton_dequant(monkeypatch):
+    """PEFTKERN_BACKEND=cuda: the dequantisation has no C++ kernel and runs Triton's (by design, not a fallback:
+    no error under PEFTKERN_STRICT=1)."""
+    seen = []
+    monkeypatch.setattr(ops, "_triton", lambda: type("T", (), {"dequantize_4bit": staticmethod(
+        lambda *a: seen.append(1) or ref.dequantize_4bit(*a))}))
+    w = torch.randn(16, 64, device=DEVICE)
+    q, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    with peftkern.use_backend("cuda"):
+        got = ops.dequantize(q, qs, torch.float32)
+    assert seen and torch.equal(got, F.dequantize_4bit(q, qs))

@@ -51,10 +51,17 @@ def dequantize_4bit_op(
     torch._check((code2 is None) == (absmax2 is None) == (offset is None),
                  lambda: "dequantize_4bit: code2, absmax2 and offset go together (double quantisation)")
     st = _State(code, absmax, code2, absmax2, offset, shape, blocksize, blocksize2, mid_dtype)
-    backend = _backend.dispatch("dequantize_4bit", data.device, {"torch": lambda: None, "triton": lambda: None})
+    backend = dequant_backend(data.device)
     if backend == "triton":
         return _triton().dequantize_4bit(data, st, dtype)
     return ref.dequantize_4bit(data, st, dtype)
+
+
+def dequant_backend(device) -> str:
+    """The dequantisation's backend for `device`: the cuda backend has no C++ dequant kernel and runs Triton's
+    (its design, as the LoRA backward: not a fallback)."""
+    req = "triton" if _backend.requested_backend() == "cuda" else None
+    return _backend.dispatch("dequantize_4bit", device, {"torch": lambda: None, "triton": lambda: None}, requested=req)
 
 
 @dequantize_4bit_op.register_fake
