@@ -30,6 +30,7 @@ class Summary:
     ia3_layers: int = 0
     ia3_fused_now: int = 0
     prefix_layers: int = 0  # attention layers of a prefix-tuning model routed through prefix_attention
+    prefix_backend: str = ""
     group_candidates: int = 0  # sets of sibling LoRA layers with one in_features (lora_group.py)
     backends: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # of fused LoRA layers
     ia3_backends: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -39,7 +40,8 @@ class Summary:
         ia3_on = ", ".join(f"{n} on {b}" for b, n in self.ia3_backends.most_common())
         ia3_on = f" ({ia3_on})" if ia3_on else ""
         ia3 = f", {self.ia3_fused_now} of {self.ia3_layers} IA3 layers{ia3_on}" if self.ia3_layers else ""
-        ia3 += f", {self.prefix_layers} prefix-tuning attention layers" if self.prefix_layers else ""
+        ia3 += (f", {self.prefix_layers} prefix-tuning attention layers ({self.prefix_backend})"
+                if self.prefix_layers else "")
         groups = (f"; {self.group_candidates} candidate projection groups (siblings that read one tensor group at "
                   "the first forward: peftkern.projection_groups(model))" if self.group_candidates else "")
         on = ", ".join(f"{n} on {b}" for b, n in self.backends.most_common())
@@ -90,6 +92,7 @@ def accelerate(model: nn.Module, group_projections: bool = True) -> Summary:
         why = _prefix.why_not(model)
         if why is None:
             summary.prefix_layers = _prefix.accelerate(model)
+            summary.prefix_backend = _prefix_backend(model)
         else:
             summary.reasons[why] += 1
     log.info("peftkern.accelerate(%s): %s", type(model).__name__, summary)
@@ -104,3 +107,25 @@ def restore(model: nn.Module) -> int:
         _lora_group.remove(mod)
     n += sum(_lora.unpatch(mod) for mod in _lora.layers(model))
     return n + sum(_ia3.unpatch(mod) for mod in _ia3.layers(model))
+
+
+def _prefix_backend(model) -> str:
+    """The backend prefix_attention runs on for this model's device and head dim, as the op would choose it now
+    (the Triton kernels' other limit, batch x heads, depends on the call)."""
+    from .. import _backend
+
+    if _backend.requested_backend() == "cuda":
+        return "cuda backward, triton forward (requested)"
+    cfg = model.get_base_model().config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    device = next(model.parameters()).device
+
+    def triton_ok():
+        from ..triton import prefix as tri  # Triton's module only: nothing compiles here
+
+        return f"head dim {head_dim} > {tri.MAX_HEAD_DIM}" if head_dim > tri.MAX_HEAD_DIM else None
+
+    try:
+        return "on " + _backend.dispatch("prefix_attention", device, {"torch": lambda: None, "triton": triton_ok})
+    except _backend.BackendUnavailable as e:
+        return f"unavailable ({e})"
