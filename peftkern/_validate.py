@@ -24,7 +24,8 @@ def _req(cond, err: type[Exception], msg) -> None:
     """torch._check_with(err, cond, msg), for a condition that is almost always a plain True."""
     if cond is True:
         return
-    torch._check_with(err, cond, msg)
+    # torch 2.11 takes only a callable message (a str raises TypeError there)
+    torch._check_with(err, cond, msg if callable(msg) else lambda: msg)
 
 
 def _shape(t) -> tuple:
