@@ -230,6 +230,7 @@ def accelerate(peft_model) -> int:
             peft_model.__dict__.pop(k, None)
         _swap.swap(peft_model, _FUSED)  # forward, get_prompt and disable_adapter below
         base.register_forward_pre_hook(_check_cache, with_kwargs=True)
+        base.register_forward_hook(_drop_unasked_cache, with_kwargs=True)
         base.__dict__[_MASK_POS] = any(type(m).__name__ in _MASK_POSITION_EMBEDDINGS for m in base.modules())
     for mod in mods:
         setattr(mod, _LEN, P)
@@ -247,6 +248,10 @@ def restore(peft_model) -> bool:
         if hook is _check_cache:
             del base._forward_pre_hooks[key]
             base._forward_pre_hooks_with_kwargs.pop(key, None)
+    for key, hook in list(base._forward_hooks.items()):
+        if hook is _drop_unasked_cache:
+            del base._forward_hooks[key]
+            base._forward_hooks_with_kwargs.pop(key, None)
     for mod in _attention_modules(base):
         mod.__dict__.pop(_LEN, None)
     base.__dict__.pop(_MASK_POS, None)
@@ -330,6 +335,20 @@ def _check_cache(module, args, kwargs):
         raise RuntimeError(f"{NAME} attention: the model runs on a cache without peft's prefix (this "
                            "transformers/peft pair drops it, e.g. in generate()); call the PeftModel itself")
     return args, kwargs
+
+
+def _drop_unasked_cache(module, args, kwargs, output):
+    """Forward hook on the base model: `use_cache=False` returns no cache (transformers' contract). On
+    transformers < 5.24 Llama, Gemma2, GPT-NeoX and OPT hand back peft's prefix cache they ran on anyway;
+    generate(use_cache=False) then keeps it, feeds one token with the whole sequence's positions, and
+    step 2 fails on a key/value shape mismatch (peft's own generate hits the same on that pair)."""
+    if kwargs.get("use_cache") is False and isinstance(output, dict):
+        cache = output.get("past_key_values")
+        if cache is not None and getattr(cache, _LEN, None) is not None:
+            # a new output without the field: ModelOutput keeps an item set to None, and beam search then
+            # tries to reorder a None cache
+            return type(output)(**{k: v for k, v in output.items() if k != "past_key_values"})
+    return output
 
 
 # Position embeddings that number tokens from the attention mask (cumsum), not from the cache length.

@@ -307,6 +307,8 @@ def test_copy_and_restore(op_calls):
     assert len(op_calls) == 4 and not torch.allclose(a, b)
     assert peftkern.restore(ours) == 1 and peftkern.restore(ours) == 0
     assert ours.get_base_model().config._attn_implementation == "sdpa"
+    base = ours.get_base_model()
+    assert not base._forward_hooks and not base._forward_pre_hooks  # accelerate's hooks went with it
     with torch.no_grad():
         c, want = ours(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits
     assert len(op_calls) == 4  # peft's own path now

@@ -159,23 +159,10 @@ def test_family_trains_like_peft(family, op_calls):
         assert_close_rule(name, g, grads64[name], grads_r[name])
 
 
-def xfail_nocache_generate_on_old_transformers(request, use_cache: bool) -> None:
-    """Known bug: on transformers < 5.24 (the GPU machine's 5.17), generate(use_cache=False) on an accelerated
-    prefix model fails with a key/value shape mismatch in the cache path (found by CI's oldest-versions run, not
-    yet fixed). Not strict: the families that pass there report XPASS."""
-    import transformers
-    from packaging.version import Version
-
-    if not use_cache and Version(transformers.__version__) < Version("5.24"):
-        request.applymarker(pytest.mark.xfail(reason="generate(use_cache=False) with the prefix on transformers "
-                                                     "< 5.24: shape mismatch in the cache path (open bug)"))
-
-
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("family", list(FUSED))
-def test_family_greedy_generate_keeps_the_prefix(family, padded, use_cache, op_calls, request):
-    xfail_nocache_generate_on_old_transformers(request, use_cache)
+def test_family_greedy_generate_keeps_the_prefix(family, padded, use_cache, op_calls):
     ref, _, ours = build(family)
     ours.eval()
     ref.eval()

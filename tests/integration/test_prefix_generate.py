@@ -13,7 +13,6 @@ from test_prefix_families import (
     ids_and_mask,
     last_logits,
     reference_greedy,
-    xfail_nocache_generate_on_old_transformers,
 )
 
 import peftkern
@@ -67,8 +66,7 @@ def reference_beams(model, ids, mask, beams):
 
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("padded", [False, True])
-def test_greedy(use_cache, padded, request):
-    xfail_nocache_generate_on_old_transformers(request, use_cache)
+def test_greedy(use_cache, padded):
     ref, ours = _models()
     ids, mask = ids_and_mask(6, padded=padded, seed=2)
     want = reference_greedy(ref, ids, mask, N)
@@ -78,8 +76,7 @@ def test_greedy(use_cache, padded, request):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_sampling_with_a_fixed_seed(use_cache, request):
-    xfail_nocache_generate_on_old_transformers(request, use_cache)
+def test_sampling_with_a_fixed_seed(use_cache):
     ref, ours = _models()
     ids, mask = ids_and_mask(6, padded=True, seed=2)
     want = reference_sample(ref, ids, mask, seed=7)
@@ -92,8 +89,7 @@ def test_sampling_with_a_fixed_seed(use_cache, request):
 
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("padded", [False, True])
-def test_beam_search(padded, use_cache, request):
-    xfail_nocache_generate_on_old_transformers(request, use_cache)
+def test_beam_search(padded, use_cache):
     ref, ours = _models()
     ids, mask = ids_and_mask(6, padded=padded, seed=3)
     want = reference_beams(ref, ids, mask, beams=3)
@@ -104,20 +100,23 @@ def test_beam_search(padded, use_cache, request):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_peft_own_generate_loses_the_prefix(use_cache, request):
-    xfail_nocache_generate_on_old_transformers(request, use_cache)
+def test_peft_own_generate_loses_the_prefix(use_cache):
     """peft's own generate on the installed pair, against the same reference. On transformers 5.24 +
     peft 0.21 it differs: with the cache transformers runs on its own fresh `cache` and drops the
     prefix peft passes as `past_key_values`; without it, it runs on the previous step's cache (the prefix
-    and the old sequence again before the whole new sequence). The accelerated model equals the reference."""
+    and the old sequence again before the whole new sequence). On transformers 5.17 without the cache it
+    raises at step 2 (Llama hands the prefix cache back unasked). The accelerated model equals the reference."""
     ref, ours = _models()
     ids, mask = ids_and_mask(6, padded=False, seed=2)
     want = reference_greedy(ref, ids, mask, N)
     with torch.no_grad():
-        theirs = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, use_cache=use_cache, **GEN)
+        try:
+            theirs = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, use_cache=use_cache, **GEN)
+        except RuntimeError:  # transformers 5.17: Llama hands the prefix cache back unasked; step 2 mismatches
+            theirs = None
         ours_out = ours.generate(input_ids=ids, attention_mask=mask, do_sample=False, use_cache=use_cache, **GEN)
     assert torch.equal(ours_out, want)
-    if torch.equal(theirs, want):
+    if theirs is not None and torch.equal(theirs, want):
         pytest.skip(f"peft {peft.__version__}'s own generate (use_cache={use_cache}) keeps the prefix with "
                     f"transformers {transformers.__version__}: the upstream bug this test shows is fixed")
-    assert not torch.equal(theirs, want)
+    assert theirs is None or not torch.equal(theirs, want)
