@@ -223,6 +223,40 @@ def lora_linear_backward_args(dy, x, weight, lora_A, lora_B, t, scaling, dropout
     _dims_equal(t, (m, lora_A.shape[0]), lambda: f"t has shape {_shape(t)}, expected ({m}, {lora_A.shape[0]}) (M, r)")
 
 
+# ----------------------------------------------------------------------------------- 8-bit dequantisation
+
+
+def _dequantize_8bit_ok(CB, SCB, dtype) -> bool:
+    T = torch.Tensor
+    if not (isinstance(CB, T) and isinstance(SCB, T)) or dtype not in FLOAT_DTYPES:
+        return False
+    if CB.dtype != torch.int8 or SCB.dtype != torch.float32 or CB.dim() != 2 or SCB.dim() != 1:
+        return False
+    return SCB.shape[0] == CB.shape[0] and SCB.device == CB.device
+
+
+def dequantize_8bit(CB, SCB, dtype) -> None:
+    """peftkern::dequantize_8bit: CB (out, in) int8, SCB (out,) float32 on CB's device, dtype a float dtype. The
+    common valid call in a few attribute reads, else every check (the first failing one raises)."""
+    if not _dequantize_8bit_ok(CB, SCB, dtype):
+        dequantize_8bit_args(CB, SCB, dtype)
+
+
+def dequantize_8bit_args(CB, SCB, dtype) -> None:
+    for name, t in (("CB", CB), ("SCB", SCB)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _req(CB.dtype == torch.int8, TypeError,
+         lambda: f"CB must be int8 (bitsandbytes' quantised Linear8bitLt weight), got {CB.dtype}")
+    _req(CB.dim() == 2, ValueError, lambda: f"CB must be 2-D (out, in), got shape {_shape(CB)}")
+    _req(SCB.dtype == torch.float32, TypeError, lambda: f"SCB must be float32 (one absmax per row), got {SCB.dtype}")
+    _req(SCB.dim() == 1, ValueError, lambda: f"SCB must be 1-D (out,), got shape {_shape(SCB)}")
+    _req(SCB.shape[0] == CB.shape[0], ValueError,
+         lambda: f"SCB has shape {_shape(SCB)}, expected ({CB.shape[0]},): one scale per row of CB")
+    same_device(CB=CB, SCB=SCB)
+    _req(dtype in FLOAT_DTYPES, TypeError, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
+
+
 # ------------------------------------------------------------------------------------------------- IA3
 
 

@@ -1,5 +1,7 @@
 """peftkern::dequantize_4bit (reference/quant.py, triton/quant.py) element for element against bitsandbytes'
-own dequantize_4bit, and ops.lora_4bit.lora_linear_4bit against lora_linear on the dequantised weight."""
+own dequantize_4bit, and ops.lora_4bit.lora_linear_4bit against lora_linear on the dequantised weight; the same for
+peftkern::dequantize_8bit against bitsandbytes' 8-bit dequantisation (Linear8bitLt's CB / SCB) and
+ops.lora_8bit.lora_linear_8bit."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from _util import DEVICE
 import peftkern
 from peftkern.ops import lora as lora_ops
 from peftkern.ops import lora_4bit as ops
+from peftkern.ops import lora_8bit as ops8
 from peftkern.reference import quant as ref
 
 F = pytest.importorskip("bitsandbytes.functional")
@@ -94,3 +97,109 @@ def test_cuda_request_runs_triton_dequant(monkeypatch):
     with peftkern.use_backend("cuda"):
         got = ops.dequantize(q, qs, torch.float32)
     assert seen and torch.equal(got, F.dequantize_4bit(q, qs))
+
+
+# ---------------------------------------------------------------------------------------------------- 8-bit
+
+SHAPES_8 = [(37, 100), (5, 7), (1, 1030), (64, 600), (0, 16)]  # odd, tiny, 1-row, several column tiles, empty
+
+
+def _bnb_8bit(w):
+    """A bitsandbytes Linear8bitLt holding `w` (out, in), quantised on DEVICE (Int8Params quantise on .to)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False)
+    lin.weight = bnb.nn.Int8Params(w.detach().cpu().clone(), requires_grad=False, has_fp16_weights=False)
+    return lin.to(DEVICE)
+
+
+def _bnb_dequant_8bit(CB, SCB, dtype):
+    """bitsandbytes' MatMul8bitFp weight, its own expression (autograd/_functions.py)."""
+    return CB.to(dtype).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # the empty (0, 16) layer
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dequantize_8bit_matches_bitsandbytes(backend):
+    """Bit for bit bitsandbytes' dequantisation, in fp32, fp16 and bf16 (bf16 under the interpreter: rounded by torch
+    from the kernel's fp32, triton/quant.py). On CPU also through bitsandbytes' own training matmul (MatMul8bitFp,
+    F.linear(x, deq(W))) applied to the identity, which returns deq(W)ᵀ exactly."""
+    torch.manual_seed(0)
+    for shape in SHAPES_8:
+        for wdtype in (torch.float32, torch.float16, torch.bfloat16):
+            lin = _bnb_8bit((torch.randn(shape) * 3).to(wdtype))
+            CB, SCB = lin.weight.CB, lin.weight.SCB
+            assert CB.dtype == torch.int8 and SCB.dtype == torch.float32 and CB.shape == shape
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                want = _bnb_dequant_8bit(CB, SCB, dtype)
+                with peftkern.use_backend(backend):
+                    got = ops8.dequantize(CB, SCB, dtype)
+                assert got.dtype == dtype and got.shape == want.shape
+                assert torch.equal(got, want), (shape, wdtype, dtype, (got.float() - want.float()).abs().max())
+                if DEVICE.type == "cpu" and shape[0]:
+                    lin.train()
+                    with torch.no_grad():
+                        via_bnb = lin(torch.eye(shape[1], dtype=dtype)).t()
+                    assert torch.equal(got, via_bnb), (shape, wdtype, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dequantize_8bit_strided_cb(backend):
+    """A CB view with a row stride wider than its columns (a column slice) reads the right elements."""
+    lin = _bnb_8bit(torch.randn(9, 70))
+    CB, SCB = lin.weight.CB[:, 5:60], lin.weight.SCB
+    with peftkern.use_backend(backend):
+        got = ops8.dequantize(CB, SCB, torch.float16)
+    assert torch.equal(got, _bnb_dequant_8bit(CB, SCB, torch.float16))
+
+
+def test_dequantize_8bit_single_rounding():
+    """The control for the bitwise test above: rounding the scale to fp16 before the product (two roundings) gives
+    other bits on these weights, so equality with bitsandbytes does tell the two apart."""
+    lin = _bnb_8bit(torch.randn(37, 100) * 3)
+    CB, SCB = lin.weight.CB, lin.weight.SCB
+    twice = CB.to(torch.float16) * (SCB.unsqueeze(1) * (1.0 / 127.0)).to(torch.float16)
+    assert not torch.equal(ops8.dequantize(CB, SCB, torch.float16), twice)
+
+
+def test_dequantize_8bit_opcheck():
+    lin = _bnb_8bit(torch.randn(16, 64))
+    for dtype in (torch.float32, torch.float16):
+        torch.library.opcheck(torch.ops.peftkern.dequantize_8bit.default, (lin.weight.CB, lin.weight.SCB, dtype))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_linear_8bit_equals_lora_linear_on_dequantised(backend, p):
+    """Same seed, same backend: exactly lora_linear on the dequantised weight (forward and every gradient)."""
+    torch.manual_seed(1)
+    out_f, in_f, r = 48, 100, 3
+    lin = _bnb_8bit(torch.randn(out_f, in_f))
+    CB, SCB = lin.weight.CB, lin.weight.SCB
+    wd = _bnb_dequant_8bit(CB, SCB, torch.float32)
+    x = torch.randn(2, 37, in_f, device=DEVICE, requires_grad=True)
+    a = torch.randn(r, in_f, device=DEVICE, requires_grad=True)
+    b = torch.randn(out_f, r, device=DEVICE, requires_grad=True)
+    bias = torch.randn(out_f, device=DEVICE)
+    dy = torch.randn(2, 37, out_f, device=DEVICE)
+    res = []
+    with peftkern.use_backend(backend):
+        for fn in (lambda: ops8.lora_linear_8bit(x, CB, SCB, bias, a, b, 0.5, p),
+                   lambda: lora_ops.lora_linear(x, wd, bias, a, b, 0.5, p)):
+            torch.manual_seed(7)
+            y = fn()
+            gx, ga, gb = torch.autograd.grad(y, (x, a, b), dy)
+            res.append((y, gx, ga, gb))
+    for got, want in zip(*res):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_request_runs_triton_dequant_8bit(monkeypatch):
+    """PEFTKERN_BACKEND=cuda: the 8-bit dequantisation has no C++ kernel and runs Triton's (by design, not a
+    fallback: no error under PEFTKERN_STRICT=1)."""
+    seen = []
+    monkeypatch.setattr(ops8, "_triton", lambda: type("T", (), {"dequantize_8bit": staticmethod(
+        lambda *a: seen.append(1) or ref.dequantize_8bit(*a))}))
+    lin = _bnb_8bit(torch.randn(16, 64))
+    with peftkern.use_backend("cuda"):
+        got = ops8.dequantize(lin.weight.CB, lin.weight.SCB, torch.float32)
+    assert seen and torch.equal(got, _bnb_dequant_8bit(lin.weight.CB, lin.weight.SCB, torch.float32))

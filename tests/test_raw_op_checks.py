@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import peftkern
+import peftkern.ops.lora_8bit  # registers peftkern::dequantize_8bit
 from peftkern.ops import bottleneck_adapter, ia3_linear, lora_linear, prefix_attention
 
 BACKENDS = ["torch", "triton"]
@@ -31,8 +32,9 @@ LAUNCHERS = {
     "bottleneck_adapter_backward": ["bottleneck_adapter_bwd"],
     "prefix_attention": ["prefix_attention_fwd"],
     "prefix_attention_backward": ["prefix_attention_bwd"],
+    "dequantize_8bit": ["dequantize_8bit"],
 }
-MODULE = {"lora": "lora", "ia3": "ia3", "bottleneck": "adapter", "prefix": "prefix"}
+MODULE = {"lora": "lora", "ia3": "ia3", "bottleneck": "adapter", "prefix": "prefix", "dequantize": "quant"}
 
 
 @pytest.fixture
@@ -56,6 +58,10 @@ def no_launch(monkeypatch):
 
 def r(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype)
+
+
+def i8(*shape):
+    return torch.randint(-127, 128, shape, dtype=torch.int8)
 
 
 # ------------------------------------------------------------------------------------- good arguments
@@ -90,6 +96,8 @@ def good(op: str) -> dict:
         return dict(dout=r(*q.shape), q=q, k=g["k"], v=g["v"], prefix_k=g["prefix_k"], prefix_v=g["prefix_v"],
                     out=r(*q.shape), lse=r(2, 4, 5), key_padding_mask=g["key_padding_mask"], causal=True,
                     softmax_scale=0.3, backend="torch")
+    if op == "dequantize_8bit":
+        return dict(CB=i8(8, 16), SCB=r(8).abs(), dtype=torch.float16)
     raise KeyError(op)
 
 
@@ -208,6 +216,18 @@ BAD = {
         ("scale", dict(softmax_scale=0.0), "softmax_scale must be > 0"),
         ("backend", dict(backend="tpu"), "unknown peftkern backend"),
         ("lse-meta", dict(lse=r(2, 4, 5).to(META)), "lse is on meta"),
+    ],
+    "dequantize_8bit": [
+        ("CB-float", dict(CB=r(8, 16)), "CB must be int8"),
+        ("CB-uint8", dict(CB=i8(8, 16).view(torch.uint8)), "CB must be int8"),
+        ("CB-1d", dict(CB=i8(128), SCB=r(128)), "CB must be 2-D"),
+        ("CB-3d", dict(CB=i8(8, 16, 1)), "CB must be 2-D"),
+        ("SCB-dtype", dict(SCB=r(8, dtype=torch.float16)), "SCB must be float32"),
+        ("SCB-2d", dict(SCB=r(8, 1)), "SCB must be 1-D"),
+        ("SCB-shape", dict(SCB=r(9)), r"SCB has shape \(9,\), expected \(8,\)"),
+        ("dtype-float64", dict(dtype=torch.float64), "dtype must be float32, float16 or bfloat16"),
+        ("dtype-int8", dict(dtype=torch.int8), "dtype must be float32, float16 or bfloat16"),
+        ("SCB-meta", dict(SCB=r(8).to(META)), "SCB is on meta but CB is on cpu"),
     ],
 }
 CASES = [(op, cid) for op, cases in BAD.items() for cid, _, _ in cases]

@@ -1,10 +1,11 @@
 """LoRA on a bitsandbytes 4-bit (NF4 / FP4) base: y = x deq(W)ᵀ + b + s · (drop(x) Aᵀ) Bᵀ.
 
-Design (dequant-then-GEMM): `peftkern::dequantize_4bit` (a Triton kernel on CUDA / under the interpreter, torch on
-CPU) writes the frozen weight in the compute dtype as a per-call temporary, and `ops.lora.lora_linear_checked`
-runs the fused LoRA GEMM on it (same kernels, dropout seed and masks as plain LoRA). The temporary is freed when
-the forward returns: autograd does not keep it, because the saved copy of the weight is replaced by a recipe
-(saved_tensors_hooks) and the backward dequantises again for dx = dy W. No persistent full-precision copy.
+Design (dequant-then-GEMM, ops/_dequant.py): `peftkern::dequantize_4bit` (a Triton kernel on CUDA / under the
+interpreter, torch on CPU) writes the frozen weight in the compute dtype as a per-call temporary, and
+`ops.lora.lora_linear_checked` runs the fused LoRA GEMM on it (same kernels, dropout seed and masks as plain LoRA).
+The temporary is freed when the forward returns: autograd does not keep it, because the saved copy of the weight is
+replaced by a recipe (saved_tensors_hooks) and the backward dequantises again for dx = dy W. No persistent
+full-precision copy.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend
 from ..reference import quant as ref
-from . import lora as _lora
+from . import _dequant
 
 _DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
@@ -60,8 +60,7 @@ def dequantize_4bit_op(
 def dequant_backend(device) -> str:
     """The dequantisation's backend for `device`: the cuda backend has no C++ dequant kernel and runs Triton's
     (its design, as the LoRA backward: not a fallback)."""
-    req = "triton" if _backend.requested_backend() == "cuda" else None
-    return _backend.dispatch("dequantize_4bit", device, {"torch": lambda: None, "triton": lambda: None}, requested=req)
+    return _dequant.backend("dequantize_4bit", device)
 
 
 @dequantize_4bit_op.register_fake
@@ -92,34 +91,6 @@ def lora_linear_4bit(x: Tensor, weight: Tensor, qs, bias: Tensor | None, lora_A:
     `qs`, bias (out,) in x's dtype or None. The dequantised weight lives for this call only (see module doc)."""
     dtype = x.dtype
     w = dequantize(weight, qs, dtype)
-    pack = _packer(weight, qs, dtype, w.device, w.untyped_storage().data_ptr())  # must not hold w: autograd
-    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):              # keeps the hooks with the graph
-        return _lora.lora_linear_checked(x, w, bias, lora_A, lora_B, float(scaling), float(dropout_p))
-
-
-def _packer(weight, qs, dtype, device, storage):
-    """The pack hook: a saved view of the dequantised weight (same storage) becomes a _Recipe, the rest stays."""
-
-    def pack(t):
-        if t.device == device and t.untyped_storage().data_ptr() == storage:
-            return _Recipe(weight, qs, dtype, t.size(), t.stride(), t.storage_offset())
-        return t
-
-    return pack
-
-
-class _Recipe:
-    """A saved view of the dequantised weight, kept as how to rebuild it."""
-
-    __slots__ = ("dtype", "offset", "qs", "size", "stride", "weight")
-
-    def __init__(self, weight, qs, dtype, size, stride, offset):
-        self.weight, self.qs, self.dtype, self.size, self.stride, self.offset = weight, qs, dtype, size, stride, offset
-
-
-def _unpack(t):
-    if type(t) is not _Recipe:
-        return t
-    with torch.no_grad():
-        w = dequantize(t.weight, t.qs, t.dtype)
-    return w.as_strided(t.size, t.stride, t.offset)
+    # `dequantize` is looked up when the backward runs (a module global, as in the forward)
+    return _dequant.lora_linear(x, w, lambda: dequantize(weight, qs, dtype), bias, lora_A, lora_B, scaling,
+                                dropout_p)

@@ -1,4 +1,5 @@
-"""bitsandbytes 4-bit (NF4 / FP4) weights dequantized in pure torch: the CPU path and the test oracle's twin.
+"""bitsandbytes 4-bit (NF4 / FP4) and 8-bit (LLM.int8 row-wise) weights dequantized in pure torch: the CPU path
+and the test oracle's twin.
 
 A `Params4bit` holds two 4-bit codes per byte (high nibble first: element 2k is byte k >> 4, element 2k+1 is
 byte k & 0xF), a 16-entry code table (`quant_state.code`, NF4 or FP4) and one fp32 absmax per `blocksize`
@@ -6,6 +7,11 @@ elements of the flattened (out, in) weight. With double quantisation (`quant_sta
 8-bit: absmax[i] = state2.code[qabsmax[i]] * state2.absmax[i // state2.blocksize] + offset. The weight is
 code[q] * absmax in fp32, rounded to the dtype it was quantised from (`quant_state.dtype`), then to the compute
 dtype, as bitsandbytes' `dequantize_4bit(...).to(compute_dtype)` does.
+
+A `Linear8bitLt` weight (has_fp16_weights=False) is `CB` int8 (out, in) with one fp32 absmax per row, `SCB` (out,):
+W = CB * (SCB * fp32(1/127)), the product in fp32 rounded once to the compute dtype, as bitsandbytes' dequantising
+matmul (`MatMul8bitFp`: `CB.to(dtype).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))`, which computes a mixed-dtype
+in-place product in fp32) does.
 """
 
 from __future__ import annotations
@@ -36,3 +42,9 @@ def dequantize_4bit(data: Tensor, qs, dtype: torch.dtype) -> Tensor:
     blk = torch.arange(n, device=a.device) // qs.blocksize
     w = qs.code.to(a.device)[codes] * absmax_fp32(qs)[blk]
     return w.to(qs.dtype).to(dtype).reshape(qs.shape)
+
+
+def dequantize_8bit(CB: Tensor, SCB: Tensor, dtype: torch.dtype) -> Tensor:
+    """The (out, in) weight of int8 `CB` with row scales `SCB` (fp32, out), in `dtype`."""
+    scale = SCB.unsqueeze(1) * (1.0 / 127.0)  # fp32 tensor x Python float: the product in fp32
+    return (CB.to(torch.float32) * scale).to(dtype)
