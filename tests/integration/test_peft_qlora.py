@@ -47,20 +47,26 @@ def qlora_model(quant_type="nf4", nested=True, dtype=torch.float32, lora_dropout
     """(peft model on 4-bit bases, fp64 oracle with the dequantised weights and the same adapters)."""
     base = _quantise(base_model("llama"), quant_type, nested, dtype)
     base.to(dtype)  # the non-quantised parts (embeddings, norms, head) in the compute dtype, as a QLoRA model
+    # by module name before peft wraps them (then they are "<name>.base_layer")
+    deq = {n: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+           for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     if loaded_in_4bit:
         base.is_loaded_in_4bit = True  # peft then wraps the bases with lora.bnb.Linear4bit (else lora.Linear)
     model = peft.get_peft_model(base, _config(lora_dropout))
     randomize_lora_B(model, 0)
     oracle_base = base_model("llama")
-    deq = {n: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
-           for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     with torch.no_grad():
+        copied = 0
         for n, m in oracle_base.named_modules():
             if n in deq:
                 m.weight.copy_(deq[n])
+                copied += 1
+        assert copied == len(deq) == 14
+        oracle_params = dict(oracle_base.named_parameters())
         for n, p in base.named_parameters():  # the same non-quantised params (rounded to dtype) as the model
-            if "lora_" not in n and n in dict(oracle_base.named_parameters()):
-                dict(oracle_base.named_parameters())[n].copy_(p.float())
+            if "lora_" not in n and not isinstance(p, bnb.nn.Params4bit):
+                oracle_params.pop(n.replace(".base_layer.", ".")).copy_(p.float())
+        assert all(n.endswith("proj.weight") for n in oracle_params)  # all copied but the dequantised weights
     oracle = peft.get_peft_model(oracle_base, _config(lora_dropout))
     with torch.no_grad():
         mine = dict(model.named_parameters())
