@@ -1,16 +1,28 @@
-"""peft LoRA layers on bitsandbytes 4-bit bases (QLoRA) through `peftkern.ops.lora_4bit`: patched by
-`peftkern.accelerate`, undone by `restore` (class swap, _swap.py), as lora.py does for `lora.Linear`.
+"""peft LoRA layers on bitsandbytes 4-bit bases (QLoRA) through `peftkern.ops.lora_4bit` and on 8-bit bases
+(Linear8bitLt) through `peftkern.ops.lora_8bit`: patched by `peftkern.accelerate`, undone by `restore` (class swap,
+_swap.py), as lora.py does for `lora.Linear`.
 
-Taken: peft's `lora.bnb.Linear4bit` (what peft makes for a model loaded in 4 bit) and a plain `lora.Linear` whose
-base is a `bnb.nn.Linear4bit`; NF4 and FP4, with or without double quantisation, any compute dtype. Semantics
-follow peft 0.21's bnb forward for vanilla LoRA:
-    result = base_layer(x)  (x cast to the compute dtype, x deq(W)ᵀ + b there, cast back to x's dtype)
+Taken: peft's `lora.bnb.Linear4bit` / `lora.bnb.Linear8bitLt` (what peft makes for a model loaded in 4 / 8 bit) and
+a plain `lora.Linear` whose base is a `bnb.nn.Linear4bit` / `bnb.nn.Linear8bitLt`. 4-bit: NF4 and FP4, with or
+without double quantisation, any compute dtype. 8-bit: quantised weights (has_fp16_weights=False, CB / SCB set).
+Semantics follow peft 0.21's bnb forwards for vanilla LoRA:
+    result = base_layer(x)  (4-bit: x cast to the compute dtype, x deq(W)ᵀ + b there, cast back to x's dtype;
+                             8-bit: in x's own dtype)
     for each active adapter a: result += (lora_B[a](lora_A[a](dropout[a](x))) * scaling[a]).to(result.dtype)
-The first active adapter runs fused (the frozen weight is dequantised per call into a temporary, ops/lora_4bit.py);
-further ones with peft's own expression. Fused when x already has the compute dtype, or under autocast to the compute
-dtype (or over an fp32 compute dtype: operands cast as autocast casts them); otherwise (e.g. fp32 hidden states
-into a bf16-compute layer without autocast, DoRA on a 4-bit base, 8-bit bases) peft's forward runs and the reason
-is logged (checks.note_fallback).
+The first active adapter runs fused (the frozen weight is dequantised per call into a temporary, ops/_dequant.py);
+further ones with peft's own expression. 4-bit: fused when x already has the compute dtype, or under autocast to the
+compute dtype (or over an fp32 compute dtype: operands cast as autocast casts them). 8-bit: fused for any float x,
+and under autocast when x is fp32 or autocast's dtype (bitsandbytes' weight then reaches autocast's dtype in one
+rounding). Otherwise (e.g. fp32 hidden states into a bf16-compute 4-bit layer without autocast, DoRA on a quantised
+base, an 8-bit base keeping fp16 weights or not quantised yet) peft's forward runs and the reason is logged
+(checks.note_fallback).
+
+Numerics on 8-bit bases: the fused result is x·deq(W)ᵀ + b + LoRA, deq(W) = CB·SCB/127 as bitsandbytes' dequantising
+matmul computes it (MatMul8bitFp). That is peft's own result in training mode on CPU/XPU, where bitsandbytes runs
+that matmul. bitsandbytes' int8 inference matmul (MatMul8bitLt: every call on CUDA, and eval on CPU) quantises the
+activations row-wise to int8 (outlier columns above `threshold` in fp16) first; there peftkern's result is the
+unquantised-activation one, not peft's bits (the gradient dx = dy·deq(W) is the same formula in both). The base
+bias is cast to x's dtype per call; bitsandbytes casts the module's bias in place, peftkern leaves it as it is.
 """
 
 from __future__ import annotations
@@ -23,11 +35,15 @@ from torch import nn
 from .. import _backend
 from ..ops import lora as _lora_ops
 from ..ops import lora_4bit as _ops
+from ..ops import lora_8bit as _ops8
 from . import _swap
 from .checks import FLOATS, note_fallback, plain_forward, plain_weight
 
 _FUSED_BNB = "FusedLora4bit"  # peft's lora.bnb.Linear4bit, accelerated
 _FUSED_LIN = "FusedLoraLinearOn4bit"  # peft's lora.Linear wrapping a bnb Linear4bit, accelerated
+_FUSED_BNB8 = "FusedLora8bit"  # peft's lora.bnb.Linear8bitLt, accelerated
+_FUSED_LIN8 = "FusedLoraLinearOn8bit"  # peft's lora.Linear wrapping a bnb Linear8bitLt, accelerated
+_NAMES = {"4bit": (_FUSED_LIN, _FUSED_BNB), "8bit": (_FUSED_LIN8, _FUSED_BNB8)}  # (on lora.Linear, on peft's bnb)
 
 
 def _bnb():
@@ -47,26 +63,32 @@ def _bnb_base(mod):
     return None
 
 
+def _a(kind: str) -> str:
+    return "a 4-bit" if kind == "4bit" else "an 8-bit"
+
+
 def handles(mod) -> bool:
     """True for a peft LoRA layer on a bitsandbytes base (this module decides about it, not lora.py)."""
     return _bnb_base(mod) is not None
 
 
-def _peft_classes() -> tuple:
+def _peft_classes(kind: str = "4bit") -> tuple:
+    """(peft's lora.Linear, peft's LoRA layer for a `kind` bitsandbytes base: lora.bnb.Linear4bit / Linear8bitLt)."""
     from peft.tuners.lora import Linear
     from peft.tuners.lora import bnb as peft_bnb
 
-    return Linear, getattr(peft_bnb, "Linear4bit", None)
+    return Linear, getattr(peft_bnb, "Linear4bit" if kind == "4bit" else "Linear8bitLt", None)
 
 
 def patchable(mod) -> str | None:
     if _swap.is_swapped(mod):
         return None
-    if _bnb_base(mod) == "8bit":
-        return "bitsandbytes 8-bit base (Linear8bitLt): not fused yet (peft's forward runs)"
-    linear, lin4 = _peft_classes()
-    if type(mod) not in (linear, lin4):
-        return f"{type(mod).__name__} LoRA layer on a 4-bit base (only peft's lora.bnb.Linear4bit / lora.Linear)"
+    kind = _bnb_base(mod)
+    linear, lin_bnb = _peft_classes(kind)
+    if type(mod) not in (linear, lin_bnb):
+        peft_name = "Linear4bit" if kind == "4bit" else "Linear8bitLt"
+        return (f"{type(mod).__name__} LoRA layer on {_a(kind)} base (only peft's lora.bnb.{peft_name} / "
+                "lora.Linear)")
     if "forward" in mod.__dict__:
         return "forward already replaced by another library (e.g. accelerate hooks)"
     return None
@@ -74,8 +96,8 @@ def patchable(mod) -> str | None:
 
 def patch(mod) -> None:
     if not _swap.is_swapped(mod):
-        linear, _ = _peft_classes()
-        _swap.swap(mod, _FUSED_LIN if type(mod) is linear else _FUSED_BNB)
+        on_linear, on_bnb = _NAMES[_bnb_base(mod)]
+        _swap.swap(mod, on_linear if type(mod) is _peft_classes()[0] else on_bnb)
 
 
 def unpatch(mod) -> bool:
@@ -83,15 +105,49 @@ def unpatch(mod) -> bool:
 
 
 def is_accelerated(mod) -> bool:
-    return _swap.is_swapped(mod, _FUSED_BNB) or _swap.is_swapped(mod, _FUSED_LIN)
+    return any(_swap.is_swapped(mod, name) for names in _NAMES.values() for name in names)
 
 
 def _active(layer) -> list[str]:
     return [a for a in layer.active_adapters if a in layer.lora_A]
 
 
+def int8_weight(base) -> tuple:
+    """(CB, SCB) of a bnb Linear8bitLt as its forward reads them: the weight's until its first call moves them to
+    `state` (init_8bit_state), then the state's. (None, None) when not quantised."""
+    w = base.weight
+    if getattr(w, "CB", None) is not None:
+        return w.CB, getattr(w, "SCB", None)
+    st = getattr(base, "state", None)
+    return getattr(st, "CB", None), getattr(st, "SCB", None)
+
+
+def _base_why_not_8bit(base) -> str | None:
+    bnb = _bnb()
+    if not plain_forward(base, bnb.nn.Linear8bitLt):
+        return f"8-bit base {type(base).__name__} (its forward is hooked/overridden)"
+    if getattr(base.state, "has_fp16_weights", False) or getattr(base.weight, "has_fp16_weights", False):
+        return "8-bit base with has_fp16_weights=True (a float weight bitsandbytes quantises on the fly)"
+    cb, scb = int8_weight(base)
+    if cb is None or scb is None:
+        return "8-bit base weight has no CB/SCB (not quantised yet: move it to a device first)"
+    if not (isinstance(cb, torch.Tensor) and isinstance(scb, torch.Tensor)):
+        return "8-bit CB/SCB are not tensors"
+    if cb.dtype != torch.int8 or scb.dtype != torch.float32:
+        return f"8-bit weight stored as {cb.dtype} with {scb.dtype} scales (int8 with float32 scales are fused)"
+    if tuple(cb.shape) != (base.out_features, base.in_features) or tuple(scb.shape) != (base.out_features,):
+        return "8-bit CB/SCB shapes do not match the layer"
+    if cb.device != scb.device or cb.device != base.weight.device:
+        return "8-bit CB/SCB are on different devices"
+    if base.bias is not None and not plain_weight(base.bias):
+        return "base bias is not a dense float tensor"
+    return None
+
+
 def _base_why_not(base) -> str | None:
     bnb = _bnb()
+    if isinstance(base, bnb.nn.Linear8bitLt):
+        return _base_why_not_8bit(base)
     if not plain_forward(base, bnb.nn.Linear4bit):
         return f"4-bit base {type(base).__name__} (its forward is hooked/overridden)"
     w = base.weight
@@ -119,7 +175,7 @@ def _layer_why_not(layer, active: list[str]) -> str | None:
         return why
     a = active[0]
     if a in layer.lora_variant:
-        return f"LoRA variant {type(layer.lora_variant[a]).__name__} on a 4-bit base"
+        return f"LoRA variant {type(layer.lora_variant[a]).__name__} on {_a(_bnb_base(layer))} base"
     lora_a, lora_b = layer.lora_A[a], layer.lora_B[a]
     if not (isinstance(lora_a, nn.Linear) and plain_forward(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)
             and plain_forward(lora_b, nn.Linear)):
@@ -162,13 +218,14 @@ def state_why_not(layer) -> str | None:
 def backend_of(layer) -> str:
     """The backends the layer's fused calls run on now: the dequantisation's and the LoRA GEMM's."""
     w = layer.base_layer.weight
+    kind = _bnb_base(layer)
     try:
-        deq = _ops.dequant_backend(w.device)
+        deq = (_ops if kind == "4bit" else _ops8).dequant_backend(w.device)
         fwd, bwd = _lora_ops._backends(w.device, layer.lora_A[_active(layer)[0]].weight.shape[0])
     except (_backend.BackendUnavailable, IndexError) as e:
         return f"unavailable ({e})"
     gemm = fwd if fwd == bwd else f"{fwd} forward, {bwd} backward"
-    return f"{deq} 4-bit dequant + {gemm or 'cuda decode / triton'}"
+    return f"{deq} {kind[0]}-bit dequant + {gemm or 'cuda decode / triton'}"
 
 
 def _compute_dtype(base, x):
@@ -197,15 +254,19 @@ def _why_not_call(layer, x, args, kwargs) -> str | None:
         return f"input has {x.shape[-1]} features, the layer takes {base.in_features}"
     if x.device != base.weight.device:
         return "input, base weight and adapters are on different devices"
-    cd = _compute_dtype(base, x)
     ac = _backend.autocast_dtype(x.device.type)
-    if ac is not None:
-        if ac not in FLOATS:
-            return "autocast to an unsupported dtype"
-        if cd not in (ac, torch.float32):  # bnb rounds x and W to cd, then autocast to ac: one rounding only if so
-            return f"autocast to {ac} on a 4-bit layer computing in {cd}"
-    elif x.dtype != cd:
-        return f"input dtype {x.dtype} differs from the 4-bit layer's compute dtype {cd}"
+    if ac is not None and ac not in FLOATS:
+        return "autocast to an unsupported dtype"
+    if _bnb_base(layer) == "8bit":  # bnb computes in x's dtype (W = CB·SCB/127 rounded to it, bias cast to it)
+        if ac is not None and x.dtype not in (ac, torch.float32):  # bnb: W rounded to x's dtype, then to ac
+            return f"{x.dtype} input under autocast to {ac} on an 8-bit layer"
+    else:
+        cd = _compute_dtype(base, x)
+        if ac is not None:
+            if cd not in (ac, torch.float32):  # bnb rounds x and W to cd, then autocast to ac: one rounding if so
+                return f"autocast to {ac} on a 4-bit layer computing in {cd}"
+        elif x.dtype != cd:
+            return f"input dtype {x.dtype} differs from the 4-bit layer's compute dtype {cd}"
     a0 = _active(layer)[0]
     if x.dtype != layer.lora_A[a0].weight.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
         return "input dtype casting disabled (peft.helpers.disable_input_dtype_casting)"
@@ -215,19 +276,36 @@ def _why_not_call(layer, x, args, kwargs) -> str | None:
     return None
 
 
-def _fused_forward(self, x, *args, **kwargs):
+def _fused_forward_4bit(self, x, *args, **kwargs):
     """Replaces the forward of a peft LoRA layer on a 4-bit base; see the module docstring for the semantics."""
+    return _fused_forward(self, "4bit", x, args, kwargs)
+
+
+def _fused_forward_8bit(self, x, *args, **kwargs):
+    """Replaces the forward of a peft LoRA layer on an 8-bit base; see the module docstring for the semantics."""
+    return _fused_forward(self, "8bit", x, args, kwargs)
+
+
+def _fused_forward(self, kind, x, args, kwargs):
     why = _why_not_call(self, x, args, kwargs)
     if why is not None:
         if why:
-            note_fallback(why, "QLoRA")
+            note_fallback(why, "QLoRA" if kind == "4bit" else "LoRA-on-8-bit")
         return _swap.base_class(self).forward(self, x, *args, **kwargs)
     active = _active(self)
     a0 = active[0]
     base = self.base_layer
-    bnb = _bnb()
-    bnb.nn.modules.fix_4bit_weight_quant_state_from_module(base)  # what bnb's forward does first
-    w = base.weight
+    if kind == "4bit":
+        _bnb().nn.modules.fix_4bit_weight_quant_state_from_module(base)  # what bnb's forward does first
+        w = base.weight
+
+        def op(x, b, a, bb, s, p):  # the module attribute is read per call (tests count the calls)
+            return _ops.lora_linear_4bit(x, w, w.quant_state, b, a, bb, s, p)
+    else:
+        cb, scb = int8_weight(base)
+
+        def op(x, b, a, bb, s, p):
+            return _ops8.lora_linear_8bit(x, cb, scb, b, a, bb, s, p)
     lora_a, lora_b = self.lora_A[a0], self.lora_B[a0]
     s = float(self.scaling[a0])
     drop = self.lora_dropout[a0]
@@ -240,11 +318,10 @@ def _fused_forward(self, x, *args, **kwargs):
         extra = (lb * s).to(dt)
         b = extra if b is None else b + extra
     if ac is None:
-        y = _ops.lora_linear_4bit(x, w, w.quant_state, b, lora_a.weight, lora_b.weight, s, p)
+        y = op(x, b, lora_a.weight, lora_b.weight, s, p)
     else:  # every operand cast as autocast casts peft's linears, then no recast inside
         with torch.autocast(x.device.type, enabled=False):
-            y = _ops.lora_linear_4bit(x.to(ac), w, w.quant_state, b, lora_a.weight.to(ac), lora_b.weight.to(ac),
-                                      s, p)
+            y = op(x.to(ac), b, lora_a.weight.to(ac), lora_b.weight.to(ac), s, p)
         y = y.to(torch.promote_types(x.dtype, ac))  # peft: base output cast back to x's dtype + the LoRA term
     if len(active) > 1:
         result_dtype = y.dtype
@@ -256,15 +333,16 @@ def _fused_forward(self, x, *args, **kwargs):
     return y
 
 
-def _fused_bnb_class():
-    _, lin4 = _peft_classes()
-    return lin4, {"forward": _fused_forward}
+def _factory(kind: str, on_bnb: bool):
+    forward = _fused_forward_4bit if kind == "4bit" else _fused_forward_8bit
+
+    def factory():
+        linear, lin_bnb = _peft_classes(kind)
+        return (lin_bnb if on_bnb else linear), {"forward": forward}
+
+    return factory
 
 
-def _fused_lin_class():
-    linear, _ = _peft_classes()
-    return linear, {"forward": _fused_forward}
-
-
-_swap.register(_FUSED_BNB, _fused_bnb_class)
-_swap.register(_FUSED_LIN, _fused_lin_class)
+for _kind, (_on_linear, _on_bnb) in _NAMES.items():
+    _swap.register(_on_linear, _factory(_kind, False))
+    _swap.register(_on_bnb, _factory(_kind, True))

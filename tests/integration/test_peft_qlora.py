@@ -252,7 +252,10 @@ def test_strict_accelerate_and_eval(monkeypatch):
     torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-4)
 
 
-def test_eight_bit_falls_back_with_reason():
+def test_eight_bit_is_fused_too(monkeypatch):
+    """8-bit bases (Linear8bitLt) are taken as well (tests/integration/test_peft_qlora_8bit.py has their tests):
+    accelerate under PEFTKERN_STRICT=1 fuses every layer, and training-mode logits stay peft's."""
+    monkeypatch.setenv("PEFTKERN_STRICT", "1")
     base = base_model("llama")
     for mod in list(base.modules()):
         for cname, child in list(mod.named_children()):
@@ -262,10 +265,16 @@ def test_eight_bit_falls_back_with_reason():
                 setattr(mod, cname, q.to(DEVICE))
     base.is_loaded_in_8bit = True
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_B(model, 0)
+    model.train()
+    with torch.no_grad():
+        plain = model(**batch("llama")).logits
     s = accelerate(model)
-    assert s.fused_now == 0 and s.lora_layers == 4
-    assert any("8-bit" in r for r in s.reasons), str(s)
-    assert model(**batch("llama")).logits.isfinite().all()
+    assert s.fused_now == s.lora_layers == 4 and not s.reasons, str(s)
+    assert all("8-bit dequant" in b for b in s.backends), str(s)
+    with torch.no_grad():
+        ours = model(**batch("llama")).logits
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_no_persistent_dequantised_weight(monkeypatch):
