@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 
 import pytest
@@ -48,6 +49,7 @@ def test_counts_equal_peft(preset):
     targets = {"roberta": ["query", "value"], "t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}[cfg.model_type]
     expected = {
         "lora": peft.LoraConfig(r=8, target_modules=targets, task_type=task),
+        "dora": peft.LoraConfig(r=8, target_modules=targets, task_type=task, use_dora=True),
         "ia3": peft.IA3Config(task_type=task),
         "prefix": peft.PrefixTuningConfig(num_virtual_tokens=20, task_type=task),
         "prompt": peft.PromptTuningConfig(num_virtual_tokens=20, task_type=task),
@@ -61,6 +63,8 @@ def test_meta_counts_equal_a_real_tiny_model(preset):
     """Counting on meta (the report's way) gives what a real model with weights gives."""
     cfg = R.scaled_down(R.load_config(preset))
     for method in R.METHOD_KEYS:
+        if R.why_unavailable(method):  # QLoRA without bitsandbytes: test_qlora_* skip, saying why
+            continue
         meta = _count(cfg, method)
         model, _ = R.apply_method(R.build_model(cfg, torch.float32, device="cpu", attn="sdpa"), cfg, method,
                                   R.Settings())
@@ -258,3 +262,114 @@ def test_gpt2_conv1d_lora_ia3_adapters(tmp_path):
     GPT2Config(n_embd=768, n_layer=12, n_head=12, attn_pdrop=0.0).to_json_file(path)
     (prefix,) = R.report(str(path), batch=2, seq=16, methods=("prefix",))["rows"]
     assert prefix["served"] == prefix["sites"] == 12 and "note" not in prefix, prefix
+
+
+# ------------------------------------------------------------------ DoRA and QLoRA rows
+
+
+def _bnb():
+    return pytest.importorskip("bitsandbytes", reason="the QLoRA row needs bitsandbytes (the report leaves it out)")
+
+
+def test_dora_count_is_lora_plus_the_magnitude_vectors():
+    """DoRA trains LoRA's A and B plus one magnitude per output feature of each adapted layer (peft's count)."""
+    for preset in ("roberta-base", "llama-7b"):
+        cfg = R.load_config(preset)
+        out_features = cfg.hidden_size  # q and v: hidden -> hidden (no GQA in these presets)
+        assert _count(cfg, "dora") == _count(cfg, "lora") + R.n_blocks(cfg) * 2 * out_features, preset
+
+
+def test_qlora_count_equals_peft_and_lora():
+    _bnb()
+    for preset in ("roberta-base", "t5-base", "llama-7b"):
+        cfg = R.load_config(preset)
+        assert _count(cfg, "qlora") == _count(cfg, "lora"), preset  # the same adapters, on 4-bit bases
+
+
+def test_qlora_weights_are_nf4_packed_plus_quant_state():
+    """Every linear layer but the output head becomes NF4 with double quantisation, as transformers loads
+    load_in_4bit: 4 bits per weight, a uint8 absmax per 64 weights, an fp32 absmax per 256 of those, bitsandbytes'
+    16- and 256-entry fp32 codes and one fp32 offset per layer; everything else stays in the model's dtype."""
+    _bnb()
+    cfg = R.scaled_down(R.load_config("llama-7b"), hidden=256, heads=4, ffn=512, vocab=1024)
+    base = R.build_model(cfg, torch.bfloat16)
+    linears = {n: m for n, m in base.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"}
+    assert len(linears) == 7 * cfg.num_hidden_layers
+    per_layer = 0
+    for m in linears.values():
+        n = m.weight.numel()
+        blocks = -(-n // 64)
+        per_layer += n // 2 + blocks + 4 * -(-blocks // 256) + 4 * (16 + 256 + 1)
+    other = sum(p.numel() * 2 for name, p in base.named_parameters() if name.rpartition(".")[0] not in linears)
+    lora = R.method_row(cfg, "lora", 2, 8, "bfloat16", target="cuda")
+    qlora = R.method_row(cfg, "qlora", 2, 8, "bfloat16", target="cuda")
+    adapters = 4 * lora["trainable"]  # fp32, as peft keeps them
+    assert qlora["memory"]["weights"] == other + per_layer + adapters
+    assert lora["memory"]["weights"] == sum(p.numel() * 2 for p in base.parameters()) + adapters
+    assert "NF4" in qlora["setting"] and "not lm_head" in qlora["setting"]
+
+
+def test_qlora_keeps_what_lora_keeps():
+    """peft's 4-bit layer saves nothing for backward that peft's nn.Linear layer does not (bitsandbytes keeps the
+    packed weight), and peftkern's 4-bit op keeps what its LoRA op keeps: the dequantised weight is rebuilt in
+    backward, not saved (counted, it would add 2 bytes per base weight of each adapted layer)."""
+    _bnb()
+    cfg = R.scaled_down(R.load_config("llama-7b"))
+    lora = R.method_row(cfg, "lora", 2, 16, "bfloat16", target="cuda")
+    qlora = R.method_row(cfg, "qlora", 2, 16, "bfloat16", target="cuda")
+    assert qlora["served"] == qlora["sites"] == lora["sites"] == 2 * cfg.num_hidden_layers and "note" not in qlora
+    for key in ("activations", "activations_peftkern"):
+        assert qlora["memory"][key] == lora["memory"][key], key
+    assert qlora["memory"]["activations_peftkern"] < qlora["memory"]["activations"]
+
+
+# The DoRA and QLoRA rows against a real training step on CPU, as test_estimate_equals_measured_on_cpu does for the
+# others: peft's path and, the rows saying peftkern serves every site, peftkern's (fp32, dropout 0.1).
+@pytest.mark.parametrize("method", ["dora", "qlora"])
+@pytest.mark.parametrize("preset", ["roberta-base", "llama-7b", "t5-base"])
+def test_dora_qlora_estimate_equals_measured_on_cpu(preset, method):
+    if method == "qlora":
+        _bnb()
+    cfg = R.scaled_down(R.load_config(preset), hidden=64, heads=2, ffn=128, vocab=256)
+    settings = R.Settings()
+    row = R.method_row(cfg, method, 2, 12, torch.float32, settings, target="cpu")
+    assert row["served"] == row["sites"] > 0 and "note" not in row, row
+    est = row["memory"]
+    got = R.measure_step(cfg, method, 2, 12, torch.float32, "cpu", settings)
+    got_k = R.measure_step(cfg, method, 2, 12, torch.float32, "cpu", settings, peftkern=True)
+    for key in ("weights", "grads", "optimizer", "activations", "total"):
+        assert est[key] == got[key], key
+        assert est.get(f"{key}_peftkern", est[key]) == got_k[key], key
+    assert est["activations_peftkern"] < est["activations"]
+
+
+def test_qlora_row_is_absent_with_the_reason_without_bitsandbytes(monkeypatch, capsys):
+    """bitsandbytes not importable (as on the GPU machine): no QLoRA row, a line saying why, and the other rows."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    cfg = R.scaled_down(R.load_config("llama-7b"), hidden=64, heads=2, ffn=128, vocab=256)
+    assert "bitsandbytes" in R.why_unavailable("qlora") and R.why_unavailable("dora") is None
+    row = R.method_row(cfg, "qlora", 2, 8, "float32")
+    assert set(row) == {"method", "name", "kernel", "absent"}
+    rep = R.report("llama-7b", batch=2, seq=8, methods=("lora", "qlora"), memory=False)
+    assert [r["method"] for r in rep["rows"]] == ["lora"] and "bitsandbytes" in rep["absent"]["qlora"]
+    assert "QLoRA: no row: needs bitsandbytes" in R.format_table(rep)
+    assert _cli(["report", "--model", "llama-7b", "--batch", "2", "--seq", "8", "--methods", "qlora"]) == 0
+    assert "QLoRA: no row: needs bitsandbytes" in capsys.readouterr().out
+
+
+def test_cli_dora_qlora_rows_and_measure(tmp_path, capsys):
+    methods = ["dora"] + (["qlora"] if R.why_unavailable("qlora") is None else [])
+    cfg = R.scaled_down(R.load_config("llama-7b"), hidden=64, heads=2, ffn=128, vocab=256)
+    path = tmp_path / "llama-tiny.json"
+    path.write_text(cfg.to_json_string())
+    out = tmp_path / "report.json"
+    assert _cli(["report", "--model", str(path), "--batch", "2", "--seq", "8", "--methods", *methods, "--json",
+                 str(out), "--measure", "--device", "cpu", "--dtype", "float32", "--target", "cpu"]) == 0
+    text = capsys.readouterr().out
+    rep = json.loads(out.read_text())
+    assert [r["method"] for r in rep["rows"]] == methods
+    for r, m in zip(rep["measure"]["rows"], methods):
+        assert r["measured"]["total"] == r["estimate"]["total"] and "measured_peftkern" in r, m
+    assert "DoRA" in text and "dora_linear" in text and "DoRA (peftkern)" in text
+    if "qlora" in methods:
+        assert "QLoRA (peftkern)" in text and "dequantize_4bit + lora_linear" in text

@@ -17,7 +17,16 @@ from .. import _cli_args
 from .estimate import memory_parts, method_row, report
 from .format import fmt_bytes, format_markdown, format_measure, format_table
 from .measure import measure, measure_step
-from .models import apply_method, build_model, eager_adapters, trainable_parameters, use_peftkern
+from .models import (
+    apply_method,
+    build_model,
+    eager_adapters,
+    quant_state_tensors,
+    quantize_4bit,
+    trainable_parameters,
+    use_peftkern,
+    why_unavailable,
+)
 from .presets import (
     ADAPTERS,
     METHOD_KEYS,
@@ -37,8 +46,8 @@ __all__ = [
     "ADAPTERS", "METHODS", "METHOD_KEYS", "PRESETS", "Settings", "add_parser", "apply_method", "build_model",
     "config_summary", "eager_adapters", "example_inputs", "fmt_bytes", "format_markdown", "format_measure",
     "format_table", "load_config", "main", "max_tokens", "measure", "measure_step", "memory_parts", "method_row",
-    "model_kind", "n_blocks", "report", "scaled_down", "traced_activation_bytes", "trainable_parameters",
-    "training_loss", "use_peftkern",
+    "model_kind", "n_blocks", "quant_state_tensors", "quantize_4bit", "report", "scaled_down",
+    "traced_activation_bytes", "trainable_parameters", "training_loss", "use_peftkern", "why_unavailable",
 ]
 
 

@@ -10,18 +10,28 @@ import dataclasses
 
 from torch import nn
 
-from .models import apply_method, build_model, eager_adapters, trainable_parameters, use_peftkern
+from .models import (
+    apply_method,
+    build_model,
+    eager_adapters,
+    quant_state_tensors,
+    trainable_parameters,
+    use_peftkern,
+    why_unavailable,
+)
 from .presets import ADAPTERS, BY_KEY, METHOD_KEYS, Settings, config_summary, load_config, max_tokens, to_dtype
 from .tracing import traced_activation_bytes
 
 
 def memory_parts(model: nn.Module, target: str) -> dict:
-    """weights (every parameter in its dtype), grads and AdamW's exp_avg + exp_avg_sq per trainable
-    parameter (on CPU also the 4-byte `step` per parameter tensor; on CUDA it stays on the host)."""
+    """weights (every parameter in its dtype; a 4-bit weight packed, plus its quantisation state), grads and AdamW's
+    exp_avg + exp_avg_sq per trainable parameter (on CPU also the 4-byte `step` per parameter tensor; on CUDA it
+    stays on the host)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     tbytes = sum(p.numel() * p.element_size() for p in trainable)
+    qstate = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in quant_state_tensors(model)}
     return {
-        "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "weights": sum(p.numel() * p.element_size() for p in model.parameters()) + sum(qstate.values()),
         "grads": tbytes,
         "optimizer": 2 * tbytes + (4 * len(trainable) if target == "cpu" else 0),
     }
@@ -34,11 +44,15 @@ def _n_params(model: nn.Module) -> int:
 def method_row(config, method: str, batch: int, seq: int, dtype, settings: Settings | None = None,
                target: str = "cuda", base_params: int | None = None, memory: bool = True) -> dict:
     """One report row: counts, memory estimate (peft/eager and peftkern) and the serving kernel. `served`
-    / `sites`: calls of the kernel in the traced forward / sites it should serve."""
+    / `sites`: calls of the kernel in the traced forward / sites it should serve. A method this environment cannot
+    build (QLoRA without bitsandbytes) is a row with only `absent`: why."""
     settings = settings or Settings()
     dtype = to_dtype(dtype)
     meth = BY_KEY[method]
     row = {"method": method, "name": meth.name, "kernel": meth.kernel or "none needed"}
+    why = why_unavailable(method)
+    if why is not None:
+        return row | {"absent": why}
     if base_params is None:
         base_params = _n_params(build_model(config, dtype))
     try:
@@ -72,7 +86,7 @@ def method_row(config, method: str, batch: int, seq: int, dtype, settings: Setti
             except Exception as e:  # the integration took the model but its forward fails: not served
                 calls.clear()
                 why.append(f"its training forward fails: {type(e).__name__}: {e}"[:200])
-            row["served"], row["sites"] = calls[meth.kernel], sites
+            row["served"], row["sites"] = min(calls[op] for op in meth.ops), sites
             if row["served"]:
                 mem["activations_peftkern"] = act
             if row["served"] < sites or why:
@@ -112,4 +126,5 @@ def report(model: str, batch: int = 8, seq: int = 256, dtype="bfloat16", target:
     rows = [_safe_row(config, m, batch, seq, dt, settings, target, base_params, memory) for m in methods]
     return {"model": model, "config": config_summary(config), "base_params": base_params, "batch": batch,
             "seq": seq, "dtype": str(dt).split(".")[-1], "target": target, "settings": dataclasses.asdict(settings),
-            "rows": rows}
+            "rows": [r for r in rows if "absent" not in r],
+            "absent": {r["method"]: r["absent"] for r in rows if "absent" in r}}

@@ -58,6 +58,7 @@ def _header(rep: dict) -> str:
 
 def _footer(rep: dict) -> list[str]:
     lines = [f"{r['name']}: {r['note']}" for r in rep["rows"] if r.get("note")]
+    lines += [f"{BY_KEY[m].name}: no row: {why}" for m, why in rep.get("absent", {}).items()]
     lines.append("activations: bytes saved for backward (traced on meta); total = weights + grads + AdamW + "
                  "activations; saved = activations peft/eager - peftkern (% of total)")
     return lines

@@ -11,7 +11,7 @@ import torch
 
 from .._memory import saved_bytes
 from .estimate import method_row
-from .models import apply_method, build_model, eager_adapters, use_peftkern
+from .models import apply_method, build_model, eager_adapters, quant_state_tensors, use_peftkern
 from .presets import ADAPTERS, METHOD_KEYS, Settings, config_summary, load_config, scaled_down, to_dtype
 from .tracing import example_inputs, training_loss
 
@@ -68,7 +68,7 @@ def measure_step(config, method: str, batch: int, seq: int, dtype, device, setti
             exclude = [*model.parameters(), *model.buffers()]
             res["activations"] = saved_bytes(lambda: training_loss(model, config, inputs), exclude)
             step()
-            res["weights"] = _storage_bytes(model.parameters())
+            res["weights"] = _storage_bytes([*model.parameters(), *quant_state_tensors(model)])
             res["grads"] = _storage_bytes(p.grad for p in params)
             res["optimizer"] = _storage_bytes(v for s in opt.state.values() for v in s.values())
             res["total"] = res["weights"] + res["grads"] + res["optimizer"] + res["activations"]
@@ -86,6 +86,9 @@ def measure(model: str, batch: int = 8, seq: int = 256, dtype="bfloat16", device
     rows = []
     for m in methods:
         est = method_row(small, m, batch, seq, dtype, settings, target=device.type)
+        if "absent" in est:
+            rows.append({"method": m, "note": "no row: " + est["absent"]})
+            continue
         if "memory" not in est or est.get("note", "").startswith("n/a") or est["trainable"] == 0:
             rows.append({"method": m, "note": est.get("note", "n/a")})
             continue

@@ -1,9 +1,11 @@
-"""The report's models, built with the real integrations: peft for LoRA / IA3 / prefix / prompt tuning,
-`peftkern.add_adapters` for the bottleneck adapters; `use_peftkern` routes a model through
-`peftkern.accelerate`, `eager_adapters` runs the adapters as plain torch (their baseline)."""
+"""The report's models, built with the real integrations: peft for LoRA / DoRA / IA3 / prefix / prompt tuning,
+QLoRA as transformers loads a model in 4 bit (`quantize_4bit`) with peft's LoRA on it, `peftkern.add_adapters` for
+the bottleneck adapters; `use_peftkern` routes a model through `peftkern.accelerate`, `eager_adapters` runs the
+adapters as plain torch (their baseline)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import warnings
 from collections.abc import Iterator
@@ -55,9 +57,14 @@ def apply_method(model: nn.Module, config, method: str, settings: Settings):
         _adapters.add_adapters(model, cfg)
         n, sites = n_adapters(model), len(cfg.resolved_sites)
         return model, f"bottleneck {settings.bottleneck}, {sites} site{'s' * (sites > 1)}/layer ({n})"
-    if method == "lora":
+    if method in ("lora", "dora", "qlora"):
+        why = why_unavailable(method)
+        if why is not None:
+            raise RuntimeError(why)
+        if method == "qlora":
+            n4, kept = quantize_4bit(model, next(model.parameters()).dtype)
         cfg = peft.LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                              task_type=task)
+                              use_dora=method == "dora", task_type=task)
         setting = f"r={settings.lora_r}"
     elif method == "ia3":
         cfg = peft.IA3Config(task_type=task)
@@ -73,12 +80,80 @@ def apply_method(model: nn.Module, config, method: str, settings: Settings):
     with warnings.catch_warnings(), torch.device(next(model.parameters()).device):
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(model, cfg)
-    if method in ("lora", "ia3"):
+    if method in ("lora", "dora", "qlora", "ia3"):
         targets = sorted(pm.peft_config["default"].target_modules)
         setting = (setting + " on " if setting else "") + ",".join(targets)
+        if method == "qlora":
+            leaves = collections.Counter(name.rpartition(".")[2] for name in kept)
+            not_4bit = ",".join(k if c == 1 else f"{k} x{c}" for k, c in leaves.items())
+            setting += f"; NF4+DQ bases ({n4} linears{', not ' + not_4bit if kept else ''})"
         if method == "ia3":
             setting += " (ffn: " + ",".join(sorted(pm.peft_config["default"].feedforward_modules)) + ")"
     return pm, setting
+
+
+def why_unavailable(method: str) -> str | None:
+    """Why `method`'s row cannot be built here (a package it needs is missing), or None."""
+    if method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:  # ImportError, or a broken install raising anything else
+            return f"needs bitsandbytes, which is not importable here ({type(e).__name__}: {e})"[:200]
+    return None
+
+
+QLORA_QUANT = dict(quant_type="nf4", compress_statistics=True, blocksize=64)  # QLoRA: NF4, double quantisation
+
+
+def quantize_4bit(model: nn.Module, dtype: torch.dtype) -> tuple[int, list[str]]:
+    """Make `model` what transformers loads for BitsAndBytesConfig(load_in_4bit=True, nf4, double quantisation,
+    compute dtype `dtype`): transformers' own 4-bit quantizer picks and replaces the layers (every nn.Linear / Conv1D
+    but the output head and the modules the model keeps in fp32, e.g. T5's `wo`) by bnb.nn.Linear4bit, whose weight
+    is then quantised from the layer's own weight on its device by bitsandbytes (on meta, its fake kernels give the
+    packed weight's and quantisation state's shapes). Returns (layers quantised, the linear layers kept)."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers import AutoHfQuantizer
+
+    # bitsandbytes caches the code of double quantisation on the device of its first call; a first call on meta
+    # would leave a meta code that every later real quantisation fails to copy. A CPU call first makes it on CPU.
+    bnb.functional.quantize_blockwise(torch.linspace(-1.0, 1.0, 256))
+    before = dict(model.named_modules())
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=QLORA_QUANT["quant_type"],
+                            bnb_4bit_use_double_quant=QLORA_QUANT["compress_statistics"], bnb_4bit_compute_dtype=dtype)
+    quantizer = AutoHfQuantizer.from_config(qc, pre_quantized=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantizer.preprocess_model(model, device_map=None)
+    n = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, bnb.nn.Linear4bit) or getattr(mod.weight, "bnb_quantized", False):
+            continue
+        old = before[name]
+        w = old.weight.detach()
+        w = (w.t() if isinstance(old, Conv1D) else w).contiguous()  # Conv1D keeps (in, out)
+        data, qs = bnb.functional.quantize_4bit(w, **QLORA_QUANT)
+        mod.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=qs, bnb_quantized=True, module=mod,
+                                       **QLORA_QUANT)
+        if old.bias is not None:
+            mod.bias = nn.Parameter(old.bias.detach(), requires_grad=False)
+        n += 1
+    quantizer.postprocess_model(model)  # is_loaded_in_4bit: peft then wraps these layers in lora.bnb.Linear4bit
+    model.hf_quantizer = quantizer
+    kept = [name for name, mod in model.named_modules() if type(mod) is nn.Linear or isinstance(mod, Conv1D)]
+    return n, kept
+
+
+def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The tensors of the bitsandbytes quantisation states of `model`'s 4-bit weights (absmax, codes, offset, the
+    nested state's): weight memory that is neither a parameter nor a buffer."""
+    out = []
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        for st in (qs, getattr(qs, "state2", None)):
+            out += [t for t in (getattr(st, f, None) for f in ("absmax", "code", "offset")) if torch.is_tensor(t)]
+    return out
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -102,7 +177,7 @@ def use_peftkern(model: nn.Module, method: str) -> tuple[int, list[str]]:
         warnings.simplefilter("ignore")
         summary = _accelerate.accelerate(model)
     why = [r if n == 1 else f"{r}: {n} layers" for r, n in summary.reasons.most_common()]
-    if method == "lora":
+    if method in ("lora", "dora", "qlora"):
         return summary.lora_layers, why
     if method == "ia3":
         return summary.ia3_layers, why

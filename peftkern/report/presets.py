@@ -45,12 +45,18 @@ class Settings:
 class Method:
     key: str
     name: str
-    kernel: str | None  # the peftkern op serving it, None: "none needed"
+    kernel: str | None  # the peftkern op serving it ("a + b": every one of these ops per site), None: "none needed"
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return tuple(self.kernel.split(" + ")) if self.kernel else ()
 
 
 METHODS = (
     Method("full", "full fine-tuning", None),
     Method("lora", "LoRA", "lora_linear"),
+    Method("dora", "DoRA", "dora_linear"),  # LoRA's r and targets, use_dora=True (Liu et al. 2024)
+    Method("qlora", "QLoRA", "dequantize_4bit + lora_linear"),  # LoRA's r and targets on NF4 bases (Dettmers 2023)
     Method("houlsby", "Houlsby adapter", "bottleneck_adapter"),
     Method("pfeiffer", "Pfeiffer adapter", "bottleneck_adapter"),
     Method("parallel", "parallel adapter", "bottleneck_adapter"),

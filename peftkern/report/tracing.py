@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .._memory import SavedTensors
+from .models import quant_state_tensors
 from .presets import model_kind
 
 _TARGET: contextvars.ContextVar[str] = contextvars.ContextVar("peftkern_report_target", default="cuda")
@@ -155,13 +157,16 @@ def _no_value_checks() -> Iterator[None]:
 
 class _OpCount(TorchDispatchMode):
     """Counts calls of peftkern's forward ops (`peftkern::<name>`, backward ops excluded), and on a CPU target the
-    bool dropout mask the torch backend's eager LoRA path keeps beside what the op saves (ops/lora.py)."""
+    bool dropout mask the torch backend's eager LoRA path keeps beside what the op saves (ops/lora.py). Keeps the
+    storages `dequantize_4bit` writes: the 4-bit LoRA op's per-call weight, which autograd does not keep (the op saves
+    a recipe instead, ops/lora_4bit.py)."""
 
     def __init__(self, target: str):
         super().__init__()
         self.calls: collections.Counter = collections.Counter()
         self.target = target
         self.extra_bytes = 0
+        self.dequantized: dict[int, torch.UntypedStorage] = {}  # held: the keys stay unique during the trace
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         ns, _, name = func._schema.name.partition("::")
@@ -169,36 +174,45 @@ class _OpCount(TorchDispatchMode):
             self.calls[name] += 1
             if name == "lora_linear" and self.target == "cpu" and args[6] > 0.0:
                 self.extra_bytes += args[0].numel()
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if ns == "peftkern" and name == "dequantize_4bit":
+            st = out.untyped_storage()
+            self.dequantized[st._cdata] = st
+        return out
+
+    def nested(self, saved: SavedTensors, t: torch.Tensor, packed) -> None:
+        """How the trace counts what an op packs under its own saved_tensors_hooks: what the op's hook keeps, except
+        that on meta a hook that tells storages apart by data pointer (all 0 there; ops/lora_4bit.py's does) cannot
+        be trusted: there a tensor the hook turned into a non-tensor counts as kept unless `dequantize_4bit` wrote
+        it (what the hook does on a real device: tests/test_report.py compares the trace with a CPU step)."""
+        if isinstance(packed, torch.Tensor) or t.device.type != "meta":
+            saved.record(packed)
+        elif t.untyped_storage()._cdata not in self.dequantized:
+            saved.record(t, pin=True)
 
 
 def traced_activation_bytes(model: nn.Module, config, batch: int, seq: int, target: str = "cuda",
                             calls: collections.Counter | None = None) -> int:
-    """Bytes autograd saves for backward in one forward + loss of `model` (on meta) as it stands, parameters
-    and buffers excluded, each storage once. `calls` collects how often each peftkern op ran."""
+    """Bytes autograd saves for backward in one forward + loss of `model` (on meta) as it stands and still keeps
+    when the loss is computed (peftkern._memory.SavedTensors), parameters, buffers and bitsandbytes quantisation
+    states excluded, each storage once. `calls` collects how often each peftkern op ran."""
     if target not in ("cuda", "cpu"):
         raise ValueError(f"target must be 'cuda' or 'cpu', got {target!r}")
-    skip = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st._cdata not in skip:
-            seen[st._cdata] = st.nbytes()
-        return t
-
     inputs = example_inputs(config, batch, seq, device="meta")
     model.train()
     token = _TARGET.set(target)
     count = _OpCount(target)
+    saved = SavedTensors([*model.parameters(), *model.buffers(), *quant_state_tensors(model)],
+                         nested=lambda t, packed: count.nested(saved, t, packed))
     try:
         with (_cuda_dropouts(model) if target == "cuda" else contextlib.nullcontext()), _no_value_checks(), \
-                count, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), warnings.catch_warnings():
+                count, saved, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loss = training_loss(model, config, inputs)
-            del loss
+        n = saved.nbytes()
+        del loss
     finally:
         _TARGET.reset(token)
     if calls is not None:
         calls.update(count.calls)
-    return sum(seen.values()) + count.extra_bytes
+    return n + count.extra_bytes
