@@ -11,7 +11,7 @@ import time
 
 from . import _cli_args
 
-OPS = ("lora", "adapter", "ia3", "prefix", "dora", "e2e", "overhead")
+OPS = ("lora", "adapter", "ia3", "prefix", "dora", "qlora", "e2e", "overhead")
 
 
 def _bench(args) -> int:

@@ -4,6 +4,7 @@ error row (no time, no speedup, exit 1), however close its mean |y| is to the ba
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from peftkern.bench import e2e as bench_e2e
 from peftkern.bench import ia3 as bench_ia3
 from peftkern.bench import lora as bench_lora
 from peftkern.bench import prefix as bench_prefix
+from peftkern.bench import qlora as bench_qlora
 from peftkern.reference import adapter as ref_adapter
 from peftkern.reference import ia3 as ref_ia3
 from peftkern.reference import lora as ref_lora
@@ -142,6 +144,70 @@ def test_e2e_row_is_checked_against_peft(tmp_path, monkeypatch):
     rc, rows = _bench(tmp_path, "e2e", monkeypatch)
     bad = rows[("tiny-quick", "peftkern-torch")]
     assert rc == 1 and "logits max error" in bad["error"] and "speedup" not in bad
+
+
+def _need_bnb():
+    pytest.importorskip("bitsandbytes", reason="bench qlora needs bitsandbytes (without it its rows are skipped)")
+
+
+def test_qlora_rows_pass_their_check(tmp_path, monkeypatch):
+    """peft's lora.bnb.Linear4bit (NF4, double quantisation) and the same layer after peftkern.accelerate: the
+    peftkern row is checked (y and every gradient vs fp64 on the dequantised weight, the op's own dropout mask),
+    posts speedups, and keeps what peft's layer keeps at most, and at least its input (the weight is rebuilt in
+    backward, not saved: a counter blind to the op's own saved_tensors_hooks would read 0 here)."""
+    _need_bnb()
+    rc, rows = _bench(tmp_path, "qlora", monkeypatch)
+    assert rc == 0
+    for case in ("train", "train-drop"):
+        ours, peft_row, base = (rows[(case, p)] for p in ("peftkern-torch", "peft", "base"))
+        assert set(ours["check"]) == {"y", "dx", "dA", "dB"} and "error" not in ours and "speedup" in ours
+        for name, c in ours["check"].items():
+            assert c["err"] <= c["bound"], name
+        x_bytes = ours["m"] * ours["d_in"] * 4
+        assert x_bytes <= ours["saved_bytes"] <= peft_row["saved_bytes"], case
+        assert base["saved_bytes"] == 0 and all(m in base for m in ("fwd", "bwd", "full"))
+        assert ours["quant"] == "nf4-dq" and "triton" in rows[(case, "peftkern-triton")]["skipped"].lower()
+    drop = rows[("train-drop", "peftkern-torch")]
+    assert drop["saved_bytes"] < rows[("train-drop", "peft")]["saved_bytes"]  # no fp32 drop(x) copy kept
+
+
+def test_qlora_wrong_dequantisation_is_an_error_row(tmp_path, monkeypatch):
+    """The torch backend's 4-bit dequantisation made 0.1% off: every peftkern QLoRA row fails its check (y), the
+    baselines (bitsandbytes' own dequantisation) do not, and the command fails."""
+    _need_bnb()
+    import peftkern.reference.quant as ref_quant
+
+    monkeypatch.setattr(ref_quant, "dequantize_4bit", _scaled_first(ref_quant.dequantize_4bit))
+    rc, rows = _bench(tmp_path, "qlora", monkeypatch)
+    assert rc == 1
+    for case in ("train", "train-drop"):
+        bad = rows[(case, "peftkern-torch")]
+        assert "y max error" in bad["error"] and "speedup" not in bad, bad
+        for base in ("peft", "base"):
+            assert "error" not in rows[(case, base)]
+
+
+def test_qlora_row_that_ran_peft_is_an_error_row(tmp_path, monkeypatch):
+    """An accelerated layer falling back to peft's forward at call time computes the right numbers: the row is
+    still an error (it did not time peftkern)."""
+    _need_bnb()
+    from peftkern.integrations import qlora as qlora_integration
+
+    monkeypatch.setattr(qlora_integration, "_why_not_call", lambda *a: "forced fallback (test)")
+    rc, rows = _bench(tmp_path, "qlora", monkeypatch)
+    bad = rows[("train", "peftkern-torch")]
+    assert rc == 1 and "did not run peftkern's dequantize_4bit" in bad["error"]
+    assert all(c["err"] <= c["bound"] for c in bad["check"].values())  # peft's numbers are right
+
+
+def test_qlora_rows_skipped_without_bitsandbytes(tmp_path, monkeypatch):
+    """As on the GPU machine (no bitsandbytes): every row is skipped with the reason and the command passes."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    rc, rows = _bench(tmp_path, "qlora", monkeypatch)
+    from peftkern._backend import BACKENDS
+
+    assert rc == 0 and len(rows) == len(bench_qlora.QUICK["tiny"]) * (len(bench_qlora.BASELINES) + len(BACKENDS))
+    assert all("needs bitsandbytes" in r["skipped"] for r in rows.values())
 
 
 # ------------------------------------------------------------------ the pieces

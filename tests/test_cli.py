@@ -5,6 +5,7 @@ import json
 import pytest
 
 from peftkern import cli
+from peftkern.bench import qlora as bench_qlora
 
 
 def test_bench_all_quick_json_and_plot(tmp_path, capsys, monkeypatch):
@@ -22,6 +23,9 @@ def test_bench_all_quick_json_and_plot(tmp_path, capsys, monkeypatch):
     ops = {r["op"] for r in data["rows"]}
     assert ops == set(cli.OPS)
     for op in cli.OPS:  # every op has at least one measured peftkern row beside a measured baseline
+        if op == "qlora" and bench_qlora.bnb_why_not():  # no bitsandbytes: every row skipped, saying why
+            assert all("needs bitsandbytes" in r["skipped"] for r in data["rows"] if r["op"] == op)
+            continue
         measured = [r for r in data["rows"] if r["op"] == op and "skipped" not in r and "error" not in r]
         assert any(r["provider"].startswith("peftkern") for r in measured), op
         assert any(not r["provider"].startswith("peftkern") for r in measured), op
