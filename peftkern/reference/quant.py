@@ -38,9 +38,18 @@ def dequantize_4bit(data: Tensor, qs, dtype: torch.dtype) -> Tensor:
     n = 1
     for d in qs.shape:
         n *= d
-    codes = torch.stack(((a >> 4), (a & 0xF)), dim=1).reshape(-1)[:n].long()
-    blk = torch.arange(n, device=a.device) // qs.blocksize
-    w = qs.code.to(a.device)[codes] * absmax_fp32(qs)[blk]
+    # A 256-entry table byte -> (code[high nibble], code[low nibble]), its two fp32 values read as one int64 so
+    # each byte is one 1-D gather (not two per element with int64 indices); then each block of codes times its
+    # absmax as a (blocks, blocksize) product. The same fp32 products as element by element.
+    code = qs.code.to(a.device, torch.float32)
+    byte = torch.arange(256, device=a.device)
+    pairs = torch.stack((code[byte >> 4], code[byte & 0xF]), dim=1).view(torch.int64).reshape(256)
+    vals = pairs.index_select(0, a.int()).view(torch.float32)
+    absmax = absmax_fp32(qs).reshape(-1)
+    total = absmax.numel() * qs.blocksize
+    if vals.numel() < total:
+        vals = torch.cat((vals, vals.new_zeros(total - vals.numel())))
+    w = vals[:total].view(absmax.numel(), qs.blocksize).mul_(absmax[:, None]).reshape(-1)[:n]
     return w.to(qs.dtype).to(dtype).reshape(qs.shape)
 
 
