@@ -43,10 +43,11 @@ def _fmt_bytes(n):
 
 def table(rows: list[dict], baselines: tuple[str, ...]) -> str:
     w = max([12] + [len(r["case"]) + 2 for r in rows])
-    lines = [f"{'op':<8}{'case':<{w}}{'provider':<18}{'fwd ms':>9}{'bwd ms':>9}{'full ms':>9}{'saved':>9}"
+    wo = max([8] + [len(r["op"]) + 1 for r in rows])  # "overhead" must not run into its case
+    lines = [f"{'op':<{wo}}{'case':<{w}}{'provider':<18}{'fwd ms':>9}{'bwd ms':>9}{'full ms':>9}{'saved':>9}"
              f"{'peak':>9}   speedup (full, else fwd) vs {' / '.join(baselines)}"]
     for r in rows:
-        head = f"{r['op']:<8}{r['case']:<{w}}{r['provider']:<18}"
+        head = f"{r['op']:<{wo}}{r['case']:<{w}}{r['provider']:<18}"
         if "skipped" in r or "error" in r:
             lines.append(head + ("skipped: " + r["skipped"] if "skipped" in r else "ERROR: " + r["error"]))
             continue
