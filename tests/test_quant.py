@@ -203,3 +203,15 @@ def test_cuda_request_runs_triton_dequant_8bit(monkeypatch):
     with peftkern.use_backend("cuda"):
         got = ops8.dequantize(lin.weight.CB, lin.weight.SCB, torch.float32)
     assert seen and torch.equal(got, _bnb_dequant_8bit(lin.weight.CB, lin.weight.SCB, torch.float32))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_recipe_replaces_only_the_dequantised_weight(device):
+    """The pack hook tells the dequantised weight's storage apart from every other saved tensor, on meta too (where
+    every data_ptr is 0): only views of the weight become recipes."""
+    from peftkern.ops import _dequant
+
+    w, x = torch.zeros(4, 3, device=device), torch.zeros(2, 3, device=device)
+    pack = _dequant._packer(lambda: w, w.device, w.untyped_storage()._cdata)
+    assert type(pack(w.t())) is _dequant._Recipe
+    assert pack(x) is x

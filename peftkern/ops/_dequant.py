@@ -29,8 +29,9 @@ def lora_linear(x: Tensor, w: Tensor, rebuild: Callable[[], Tensor], bias: Tenso
                 lora_B: Tensor, scaling: float, dropout_p: float) -> Tensor:
     """`lora_linear_checked` on the dequantised weight `w`; `rebuild()` makes `w` again (same values, a new
     tensor) for the backward. The caller must drop its own reference to `w` when this returns."""
-    pack = _packer(rebuild, w.device, w.untyped_storage().data_ptr())  # must not hold w: autograd keeps the hooks
-    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):     # with the graph
+    # The storage's identity, not its data_ptr (0 for every meta tensor); w is alive while the hook can run.
+    pack = _packer(rebuild, w.device, w.untyped_storage()._cdata)  # must not hold w: autograd keeps the hooks
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):  # with the graph
         return _lora.lora_linear_checked(x, w, bias, lora_A, lora_B, float(scaling), float(dropout_p))
 
 
@@ -38,7 +39,7 @@ def _packer(rebuild, device, storage):
     """The pack hook: a saved view of the dequantised weight (same storage) becomes a _Recipe, the rest stays."""
 
     def pack(t):
-        if t.device == device and t.untyped_storage().data_ptr() == storage:
+        if t.device == device and t.untyped_storage()._cdata == storage:
             return _Recipe(rebuild, t.size(), t.stride(), t.storage_offset())
         return t
 
