@@ -257,6 +257,33 @@ def dequantize_8bit_args(CB, SCB, dtype) -> None:
     _req(dtype in FLOAT_DTYPES, TypeError, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
 
 
+def lora_linear_4bit_decode(x, data, code, absmax, shape, bias, lora_A, lora_B, scaling) -> None:
+    """peftkern::lora_linear_4bit_decode: x (..., in) float, packed 4-bit `data` (uint8, at least ceil(out·in/2)
+    bytes) of an (out, in) weight with a 16-entry code table and fp32 absmax, bias (out,) in x's dtype or None,
+    lora_A (r, in), lora_B (out, r), all on x's device."""
+    tensor("x", x, min_ndim=1)
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
+    _req(data.dtype == torch.uint8, TypeError, lambda: f"data must be uint8 (two 4-bit codes a byte), got {data.dtype}")
+    _req(len(shape) == 2, ValueError, lambda: f"shape must be (out, in), got {list(shape)}")
+    out_f, in_f = shape
+    _req(data.numel() * 2 >= out_f * in_f, ValueError,
+         lambda: f"data has {data.numel()} bytes, an ({out_f}, {in_f}) weight needs {(out_f * in_f + 1) // 2}")
+    _req(isinstance(code, torch.Tensor) and code.numel() == 16, ValueError, "code must be a 16-entry tensor")
+    _req(isinstance(absmax, torch.Tensor) and absmax.dtype in (torch.float32, torch.uint8), TypeError,
+         "absmax must be float32 (or uint8 with double quantisation)")
+    if bias is not None:
+        tensor("bias", bias, ndim=1)
+        _req(bias.shape[0] == out_f and bias.dtype == x.dtype, ValueError,
+             lambda: f"bias must be ({out_f},) in x's dtype {x.dtype}, got {_shape(bias)} {bias.dtype}")
+    tensor("lora_A", lora_A, ndim=2)
+    tensor("lora_B", lora_B, ndim=2)
+    number("scaling", scaling)
+    _req(x.shape[-1] == in_f, ValueError, lambda: f"x has {x.shape[-1]} features in its last dim, the weight {in_f}")
+    _lora_adapters(lora_A, lora_B, out_f, in_f)
+    same_device(x=x, data=data, absmax=absmax, bias=bias, lora_A=lora_A, lora_B=lora_B)
+
+
 # ------------------------------------------------------------------------------------------------- IA3
 
 

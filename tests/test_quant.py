@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _util import DEVICE
+from _util import DEVICE, assert_close_rule
 
 import peftkern
 from peftkern.ops import lora as lora_ops
@@ -215,3 +215,55 @@ def test_recipe_replaces_only_the_dequantised_weight(device):
     pack = _dequant._packer(lambda: w, w.device, w.untyped_storage()._cdata)
     assert type(pack(w.t())) is _dequant._Recipe
     assert pack(x) is x
+
+
+# ------------------------------------------------------------------------------------ decode (M <= 16, inference)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_op_vs_fp64(dtype, nested, backend):
+    """x deq(W)ᵀ + b + s (x Aᵀ) Bᵀ from the packed weight, under the 2x rule against the fp64 result on the dequantised
+    weight (torch in the same dtype: the dequant-then-GEMM path), for 1..16 rows, odd in / out, fp32 adapters."""
+    torch.manual_seed(3)
+    for (m, out_f, in_f, bs, r) in [(1, 70, 100, 64, 5), (3, 33, 257, 128, 8), (16, 64, 64, 64, 20)]:
+        w = (torch.randn(out_f, in_f) * 2).to(dtype).to(DEVICE)
+        q, qs = F.quantize_4bit(w, blocksize=bs, quant_type="nf4", compress_statistics=nested)
+        wd = F.dequantize_4bit(q, qs).to(dtype)
+        x = torch.randn(m, in_f, device=DEVICE).to(dtype)
+        a, b = torch.randn(r, in_f, device=DEVICE), torch.randn(out_f, r, device=DEVICE)
+        bias = torch.randn(out_f, device=DEVICE).to(dtype)
+        want = x.double() @ wd.double().t() + bias.double() + 0.5 * (x.double() @ a.double().t()) @ b.double().t()
+        same = (x @ wd.t() + bias + (0.5 * (x.float() @ a.t()) @ b.t()).to(dtype))
+        with torch.no_grad(), peftkern.use_backend(backend):
+            got = ops.lora_linear_4bit_decode(x, q, qs, bias, a, b, 0.5)
+        assert got.dtype == dtype
+        assert_close_rule(f"decode {dtype} m={m}", got, want, same)
+
+
+def test_decode_opcheck():
+    w = torch.randn(24, 64, device=DEVICE)
+    q, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    args = (torch.randn(2, 64, device=DEVICE), q, *ops.state_args(qs)[:-1], qs.dtype, torch.randn(24, device=DEVICE),
+            torch.randn(4, 64, device=DEVICE), torch.randn(24, 4, device=DEVICE), 0.5)
+    torch.library.opcheck(torch.ops.peftkern.lora_linear_4bit_decode.default, args)
+
+
+def test_decode_is_taken_for_small_inference_calls_only(monkeypatch):
+    """lora_linear_4bit takes the decode op at <= 16 rows without dropout or autograd, the dequant path otherwise."""
+    w = torch.randn(24, 64, device=DEVICE)
+    q, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    a = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    b = torch.randn(24, 4, device=DEVICE, requires_grad=True)
+    calls = []
+    real = ops.lora_linear_4bit_decode
+    monkeypatch.setattr(ops, "lora_linear_4bit_decode", lambda *args: calls.append(1) or real(*args))
+    x16, x17 = torch.randn(2, 8, 64, device=DEVICE), torch.randn(17, 64, device=DEVICE)
+    with torch.no_grad():
+        ops.lora_linear_4bit(x16, q, qs, None, a, b, 0.5, 0.0)
+        assert len(calls) == 1
+        ops.lora_linear_4bit(x17, q, qs, None, a, b, 0.5, 0.0)  # 17 rows: the dequant path
+        ops.lora_linear_4bit(x16, q, qs, None, a, b, 0.5, 0.1)  # dropout: training
+    ops.lora_linear_4bit(x16, q, qs, None, a, b, 0.5, 0.0).sum().backward()  # adapters to differentiate
+    assert len(calls) == 1 and a.grad is not None

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import peftkern
+import peftkern.ops.lora_4bit  # registers peftkern::lora_linear_4bit_decode
 import peftkern.ops.lora_8bit  # registers peftkern::dequantize_8bit
 from peftkern.ops import bottleneck_adapter, ia3_linear, lora_linear, prefix_attention
 
@@ -353,3 +354,51 @@ def test_strided_vectors_read_right_on_triton():
         with peftkern.use_backend("triton"):
             got = f()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def _decode_args(**bad):
+    """Valid torch.ops.peftkern.lora_linear_4bit_decode arguments for a (6, 8) weight (24 packed bytes, blocksize 16),
+    with `bad` replacing some."""
+    args = dict(x=r(2, 8), data=torch.zeros(24, dtype=torch.uint8), code=r(16), absmax=r(3), code2=None,
+                absmax2=None, offset=None, shape=[6, 8], blocksize=16, blocksize2=0, mid_dtype=torch.float32,
+                bias=r(6), lora_A=r(2, 8), lora_B=r(6, 2), scaling=0.5)
+    return {**args, **bad}
+
+
+DECODE_BAD = {
+    "x int": dict(x=torch.zeros(2, 8, dtype=torch.int32)),
+    "x features": dict(x=r(2, 7)),
+    "data dtype": dict(data=torch.zeros(24, dtype=torch.int8)),
+    "data too short": dict(data=torch.zeros(23, dtype=torch.uint8)),
+    "code size": dict(code=r(8)),
+    "bias shape": dict(bias=r(5)),
+    "bias dtype": dict(bias=r(6, dtype=torch.float16)),
+    "lora_A in": dict(lora_A=r(2, 7)),
+    "lora_B rank": dict(lora_B=r(6, 3)),
+    "scaling type": dict(scaling="0.5"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(DECODE_BAD))
+def test_lora_linear_4bit_decode_rejects_before_launch(case, backend, monkeypatch):
+    from peftkern.reference import quant as ref_quant
+    from peftkern.triton import quant as tri_quant
+
+    for mod, name in ((tri_quant, "lora_linear_4bit_decode"), (ref_quant, "dequantize_4bit")):
+        monkeypatch.setattr(mod, name, lambda *a, _n=name, **k: (_ for _ in ()).throw(Launched(_n)))
+    with peftkern.use_backend(backend), pytest.raises(CHECK_ERRORS):
+        torch.ops.peftkern.lora_linear_4bit_decode(**_decode_args(**DECODE_BAD[case]))
+    with pytest.raises(CHECK_ERRORS):  # the fake kernel checks the same on meta tensors
+        meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v
+                for k, v in _decode_args(**DECODE_BAD[case]).items()}
+        torch.ops.peftkern.lora_linear_4bit_decode(**meta)
+
+
+def test_lora_linear_4bit_decode_valid_call_launches(monkeypatch):
+    """The valid arguments above reach the launcher: the cases above fail for their one bad argument."""
+    from peftkern.reference import quant as ref_quant
+
+    monkeypatch.setattr(ref_quant, "dequantize_4bit", lambda *a, **k: (_ for _ in ()).throw(Launched("ref")))
+    with peftkern.use_backend("torch"), pytest.raises(Launched):
+        torch.ops.peftkern.lora_linear_4bit_decode(**_decode_args())

@@ -102,3 +102,115 @@ def dequantize_8bit(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype) -> 
     _dequant8_kernel[grid](CB, scb, out, n_rows, n_cols, CB.stride(0), out.stride(0),
                            BLOCK_M=_BLOCK_M8, BLOCK_N=_BLOCK_N8)
     return out.to(dtype) if host_cast else out
+
+
+# ---------------------------------------------------------------- 4-bit decode: LoRA GEMV reading the packed weight
+
+
+@triton.jit
+def _rounded(v, BF16: tl.constexpr, FP16: tl.constexpr):
+    """fp32 `v` rounded to nearest-even bf16 / fp16 precision, still fp32 (exact as bf16 / fp16 then). bf16 by bits:
+    Triton 3.8's interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest even; this is nearest even on both."""
+    if BF16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    elif FP16:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _lora4_decode_kernel(x_ptr, a_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, t_ptr, u_ptr,
+                         bias_ptr, out_ptr, M, N, K, R, blocksize, blocksize2, stride_xm, stride_xk, stride_tm,
+                         stride_tr, stride_un, stride_ur, stride_om, stride_on, scaling,
+                         NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, MID_BF16: tl.constexpr,
+                         MID_FP16: tl.constexpr, X_BF16: tl.constexpr, X_FP16: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """OUT (M, N) = x · deq(W)ᵀ + scaling · t · Uᵀ + bias, one rounding at the end. W[n, k] is read from the packed
+    4-bit data (flat index n·K + k, two codes per byte, high nibble first) and dequantised in registers exactly as
+    dequantize_4bit writes it (code · absmax in fp32, rounded to the quantised-from dtype, then to x's): the weight
+    is read once, in 4 bits, never written. t = x Aᵀ (fp32, (M, r)); U[n, r] is lora_B."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        flat = offs_n[None, :].to(tl.int64) * K + offs_k[:, None]  # (BLOCK_K, BLOCK_N): W[n, k] as Wᵀ's tile
+        w_ok = k_ok[:, None] & n_ok[None, :]
+        byte = tl.load(a_ptr + flat // 2, mask=w_ok, other=0).to(tl.int32)
+        nib = tl.where(flat % 2 == 0, byte >> 4, byte & 0xF)
+        c = tl.load(code_ptr + nib, mask=w_ok, other=0.0)
+        blk = flat // blocksize
+        if NESTED:
+            qa = tl.load(absmax_ptr + blk, mask=w_ok, other=0).to(tl.int32)
+            am = tl.load(code2_ptr + qa, mask=w_ok, other=0.0) * tl.load(absmax2_ptr + blk // blocksize2, mask=w_ok,
+                                                                           other=0.0)
+            am = am + tl.load(offset_ptr)
+        else:
+            am = tl.load(absmax_ptr + blk, mask=w_ok, other=0.0)
+        w = _rounded(_rounded(c * am, MID_BF16, MID_FP16), X_BF16, X_FP16)  # the dequantised weight's values
+        # x and w hold x's dtype's values in fp32: a tf32 dot multiplies them exactly for fp16 / bf16 x
+        acc += tl.dot(x, w, input_precision=PREC)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        u = tl.load(u_ptr + offs_n[None, :] * stride_un + offs_r[:, None] * stride_ur,
+                    mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        acc += scaling * tl.dot(t, u, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = _rounded(acc, X_BF16, X_FP16)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_DECODE_BLOCKS = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16)
+
+
+def lora_linear_4bit_decode(x2d, data, qs, bias, lora_A, lora_B, scaling) -> torch.Tensor:
+    """(M, out) in x's dtype: x · deq(W)ᵀ + bias + scaling · (x Aᵀ) Bᵀ with W read once from the packed 4-bit `data`
+    (QuantState-like `qs`), for inference at small M (no dropout, nothing saved)."""
+    from ._common import dot_precision
+    from .lora import shrink
+
+    M, K = x2d.shape
+    N = qs.shape[0]
+    out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    if M == 0 or N == 0:
+        return out
+    r = lora_A.shape[0]
+    t = shrink(x2d, lora_A.stride(), lora_A, r, 1.0, 0.0, None, "ieee")  # fp32 (M, r) = x Aᵀ
+    a = data.reshape(-1)
+    if a.dtype != torch.uint8:
+        a = a.view(torch.uint8)
+    code = qs.code.to(device=a.device, dtype=torch.float32)
+    if qs.nested:
+        s2 = qs.state2
+        absmax, code2, absmax2 = qs.absmax, s2.code.to(a.device, torch.float32), s2.absmax.float()
+        offset, bs2 = qs.offset.to(a.device, torch.float32).reshape(1), s2.blocksize
+    else:
+        absmax = qs.absmax.float()
+        code2 = absmax2 = offset = absmax  # unused (NESTED=False)
+        bs2 = 1
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    b = _DECODE_BLOCKS
+    grid = (triton.cdiv(M, b["BLOCK_M"]), triton.cdiv(N, b["BLOCK_N"]))
+    _lora4_decode_kernel[grid](
+        x2d, a, code, absmax, code2, absmax2, offset, t, lora_B, bias if bias is not None else t, out,
+        M, N, K, r, qs.blocksize, bs2, x2d.stride(0), x2d.stride(1), t.stride(0), t.stride(1),
+        lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1), float(scaling),
+        NESTED=bool(qs.nested), HAS_BIAS=bias is not None, MID_BF16=qs.dtype == torch.bfloat16,
+        MID_FP16=qs.dtype == torch.float16, X_BF16=x2d.dtype == torch.bfloat16, X_FP16=x2d.dtype == torch.float16,
+        PREC=dot_precision(torch.float32) if x2d.dtype == torch.float32 else "tf32", **b)
+    return out

@@ -341,3 +341,26 @@ def test_peft_features_unchanged(monkeypatch):
         torch.testing.assert_close(ours[k], plain[k], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours["deepcopy"], ours["fused"], rtol=0, atol=0)
     torch.testing.assert_close(ours["pickle"], ours["fused"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("dtype", "backend"), [(torch.float32, "triton"), (torch.float16, "triton"),
+                                                (torch.float32, "torch")])
+def test_greedy_decode_reads_the_4bit_weight_once(dtype, backend, monkeypatch):
+    """generate() on an accelerated QLoRA model under PEFTKERN_STRICT=1: every decode step (batch 2: 2 rows) runs
+    peftkern::lora_linear_4bit_decode in every LoRA layer (the prompt, 2 x 9 rows, the dequant path), and the tokens
+    equal peft's own generate."""
+    monkeypatch.setenv("PEFTKERN_STRICT", "1")
+    model, _ = qlora_model("nf4", True, dtype)
+    model.eval()
+    ids = batch("llama")["input_ids"]
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    accelerate(model)
+    seen = []
+    real = torch.ops.peftkern.lora_linear_4bit_decode
+    monkeypatch.setattr(lora4_ops.torch.ops.peftkern, "lora_linear_4bit_decode",
+                        lambda x, *a: seen.append(x.shape[:-1].numel()) or real(x, *a), raising=False)
+    with torch.no_grad(), peftkern.use_backend(backend):
+        got = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert seen and set(seen) == {ids.shape[0]} and len(seen) == 14 * 2  # two cached decode steps, 14 layers each
+    assert torch.equal(got, want)
