@@ -186,3 +186,19 @@ def test_backward_op_checks_its_saved_tensors():
         op(dy, x, w, a, bb, m, n, t, u[:, :3], 0.5, 0.0, None, True, True, True, "torch")
     with pytest.raises(ValueError, match="t must be float32"):
         op(dy, x, w, a, bb, m, n, t.double(), u, 0.5, 0.0, None, True, True, True, "torch")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_triton_scale_passes_run_and_split_rows(p, monkeypatch):
+    """On the triton backend the magnitude scale is one Triton pass each way (triton/dora.py): forward without
+    dropout, backward always; 600 rows take two row splits for the column sums of dm (fp64 rule as above)."""
+    from peftkern.triton import dora as tri
+
+    calls = []
+    for name in ("dora_scale", "dora_scale_bwd"):
+        real = getattr(tri, name)
+        monkeypatch.setattr(tri, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
+    assert tri._splits(600, 24, torch.device(DEVICE)) == 2
+    check_case("triton", torch.float32, (600,), 20, 24, 3, p=p)
+    want = ["dora_scale_bwd"] if p else ["dora_scale", "dora_scale_bwd"]
+    assert calls == want, calls

@@ -8,7 +8,9 @@ The op returns (y, t, u) with t = x_d Aᵀ (fp32, (M, r)) and u = x_d Wᵀ + s·
 fp32 adapters on a half base with dropout, where peft's dropout branch runs in fp32), saved for backward (dm
 needs u); the dropout mask comes from a seed and is drawn again in backward, never stored. The LoRA
 part runs on the LoRA op's backend functions (torch or Triton: the fused LoRA GEMM), so the `triton` backend runs
-the Triton LoRA kernels; the row norm, the scale and the dropout-path base GEMM are torch ops on every backend.
+the Triton LoRA kernels, and the magnitude scale (y = g ⊙ u + b; backward g ⊙ dy with Σ_rows dy ⊙ u) one
+Triton pass each way (triton/dora.py; torch ops on the torch backend); the row norm and the dropout-path base
+GEMM are torch ops on every backend.
 Backward is an op too (peftkern::dora_linear_backward).
 """
 
@@ -27,6 +29,21 @@ from ._out import standalone
 
 def _backends():
     return {"torch": lambda: None, "triton": lambda: None}
+
+
+def _triton():
+    from ..triton import dora as tri  # imported lazily: no Triton work at `import peftkern`
+
+    return tri
+
+
+def _scale_impl(backend: str):
+    """The magnitude scale's one-pass kernel on the triton backend (torch ops in reference/dora.py otherwise)."""
+    return _triton().dora_scale if backend == "triton" else None
+
+
+def _scale_bwd_impl(backend: str):
+    return _triton().dora_scale_bwd if backend == "triton" else None
 
 
 def _check(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, fake=False) -> None:
@@ -127,7 +144,7 @@ def dora_linear_op(
     # No CUDA C++ DoRA kernel: a cuda request runs Triton's (as the LoRA op's backward does; not a fallback)
     backend = _backend.dispatch("dora_linear", x.device, _backends(), requested=_backend.backward_backend(False))
     y, t, u = ref.dora_linear_fwd(x2d, weight, bias, lora_A, lora_B, _g(magnitude, weight_norm), scaling,
-                                  dropout_p, s, _lora._fwd_impl(backend))
+                                  dropout_p, s, _lora._fwd_impl(backend), _scale_impl(backend))
     return standalone(y, (*x.shape[:-1], weight.shape[0])), t, u
 
 
@@ -158,7 +175,7 @@ def dora_linear_backward_op(
     backend = _backend.dispatch("dora_linear_backward", x.device, _backends(), requested=backend)
     dx, d_a, d_b, dm = ref.dora_linear_bwd(dy2d, x2d, weight, lora_A, lora_B, _g(magnitude, weight_norm),
                                            weight_norm, t, u, scaling, dropout_p, s, need_dx, need_ab, need_m,
-                                           _lora._bwd_impl(backend))
+                                           _lora._bwd_impl(backend), _scale_bwd_impl(backend))
     dx = standalone(dx, x.shape) if need_dx else x.new_empty((0,))
     if not need_ab:
         d_a, d_b = lora_A.new_empty((0,)), lora_B.new_empty((0,))

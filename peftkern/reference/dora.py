@@ -62,12 +62,14 @@ def _f32(t):
     return t if t.dtype == torch.float32 else t.float()
 
 
-def dora_linear_fwd(x2d, weight, bias, lora_A, lora_B, g, scaling, p, seed, lora_fwd):
+def dora_linear_fwd(x2d, weight, bias, lora_A, lora_B, g, scaling, p, seed, lora_fwd, scale=None):
     """Returns (y, t, u): t = x_d Aᵀ (fp32, (M, r)) and u = x_d Wᵀ + s·t Bᵀ (x's dtype, (M, out)), both saved for
-    backward (dm = Σ_rows dy ⊙ u / n). Without dropout y = g ⊙ u + b, with u from the fused LoRA forward;
-    with dropout y = (x - x_d) Wᵀ + b + g ⊙ u."""
+    backward (dm = Σ_rows dy ⊙ u / n). Without dropout y = g ⊙ u + b, with u from the fused LoRA forward (and
+    `scale(u, g, bias, dtype)`, a one-pass kernel, where given); with dropout y = (x - x_d) Wᵀ + b + g ⊙ u."""
     if p == 0.0:
         u, t = lora_fwd(x2d, weight, None, lora_A, lora_B, scaling, 0.0, 0)
+        if scale is not None:
+            return scale(u, g, bias, x2d.dtype), t, u
         y = u.float() * g
         if bias is not None:
             y += bias.float()
@@ -93,13 +95,18 @@ def _xd32(x2d, keep, p):
 
 
 def dora_linear_bwd(dy, x2d, weight, lora_A, lora_B, g, n, t, u, scaling, p, seed, need_dx, need_ab, need_m,
-                    lora_bwd):
+                    lora_bwd, scale_bwd=None):
     """Returns (dx or None, dA or None, dB or None, dm or None) for y as in dora_linear_fwd.
     With dy' = g ⊙ dy: dA, dB are LoRA's for dy' (on x_d); dm = Σ_rows dy ⊙ u / n;
-    dx = dy' W + s(dy' B)A without dropout, and dy W + mask ⊙ (dy' W + s(dy' B)A - dy W)/(1-p) with it."""
+    dx = dy' W + s(dy' B)A without dropout, and dy W + mask ⊙ (dy' W + s(dy' B)A - dy W)/(1-p) with it.
+    `scale_bwd(dy, u, g)` -> (dy', Σ_rows dy ⊙ u), a one-pass kernel, where given."""
     dyf = _f32(dy)
-    dm = (dyf * _f32(u)).sum(0).div_(n) if need_m else None
-    dyg = (dyf * g).to(dy.dtype)
+    if scale_bwd is not None:
+        dyg, col = scale_bwd(dy, u, g)
+        dm = col.div_(n) if need_m else None
+    else:
+        dm = (dyf * _f32(u)).sum(0).div_(n) if need_m else None
+        dyg = (dyf * g).to(dy.dtype)
     keep = None
     xd = x2d
     if p != 0.0:
