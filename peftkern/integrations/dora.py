@@ -8,16 +8,17 @@ calls to `forward`. Semantics follow peft 0.21's `DoraLinearVariant.forward` / `
     its dropout branch (training):                     y = x Wᵀ + b + (g - 1) ⊙ x_d Wᵀ + g ⊙ s·x_d Aᵀ Bᵀ
 Note peft reads the layer's `training` flag there, not the dropout module's: an eval layer has no dropout at all.
 The norm comes from ||W||² cached per frozen base weight (ops.dora.weight_sq_norm) plus r-sized products.
-Falls back to peft (with the reason) for: several active adapters, any other variant, lora_bias, autocast.
+Under autocast the operands are cast as autocast casts peft's linears (the magnitude and norm in fp32).
+Falls back to peft (with the reason) for: several active adapters, any other variant, lora_bias.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..ops import dora as _dora_ops
-from . import _swap
-from .checks import base_kind, note_fallback
+from .checks import base_kind
 
 
 def variant_why_not(layer, adapter: str, active: list[str]) -> str | None:
@@ -50,10 +51,16 @@ def _name(variant) -> str:
 
 
 def forward(layer, plan, x, compute_dtype):
-    """The DoRA layer's output for x (lora.py has checked the layer state and x as for a LoRA call)."""
+    """The DoRA layer's output for x (lora.py has checked the layer state and x as for a LoRA call). Under autocast
+    to `compute_dtype` x, W, b, A and B are cast as autocast casts peft's linears and the op runs with autocast
+    off; the magnitude and the norm stay fp32 (peft's norm is an fp32 autocast op)."""
     if compute_dtype is not None:
-        note_fallback("DoRA under autocast", "LoRA")
-        return _swap.base_class(layer).forward(layer, x)
+        with torch.autocast(x.device.type, enabled=False):
+            return _forward(layer, plan, x, compute_dtype)
+    return _forward(layer, plan, x, None)
+
+
+def _forward(layer, plan, x, compute_dtype):
     a = plan.active[0]
     w = plan.base._parameters["weight"]
     b = plan.base._parameters["bias"]
@@ -66,4 +73,10 @@ def forward(layer, plan, x, compute_dtype):
     # peft's DoRA takes its dropout branch when the LAYER is training and the dropout is not nn.Identity.
     p = float(drop.p) if layer.training and drop.training and type(drop) is nn.Dropout else 0.0
     magnitude = layer.lora_magnitude_vector[a].weight
+    if compute_dtype is not None:
+        # The norm from the weights as they are, in fp32 (peft's runs in fp32 too, on B·A from an autocast matmul).
+        norm = _dora_ops.dora_weight_norm(w, lora_a, lora_b, s, sq)
+        x, w, lora_a, lora_b = (t.to(compute_dtype) for t in (x, w, lora_a, lora_b))
+        b = None if b is None else b.to(compute_dtype)
+        return _dora_ops.dora_linear(x, w, b, lora_a, lora_b, magnitude, s, p, weight_norm=norm)
     return _dora_ops.dora_linear(x, w, b, lora_a, lora_b, magnitude, s, p, weight_sq_norm=sq)

@@ -5,7 +5,6 @@ masks fed to the oracle, merge/unmerge, save/reload, and the reasons for what st
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
@@ -84,6 +83,27 @@ class _KernelMaskDropout(nn.Module):
         seed = self.seeds.pop(0)
         keep = dropout_keep((x.numel() // x.shape[-1], x.shape[-1]), self.p, seed, x.device).reshape(x.shape)
         return x * keep.to(x.dtype) / (1.0 - self.p)
+
+
+def _record_seeds(monkeypatch) -> list[int]:
+    """The dropout seeds the op draws, in call order (for _use_kernel_masks)."""
+    seeds = []
+    real = lora_ops.draw_seed
+
+    def recording(dropout_p):
+        s = real(dropout_p)
+        if s is not None:
+            seeds.append(int(s))
+        return s
+
+    monkeypatch.setattr(lora_ops, "draw_seed", recording)
+    return seeds
+
+
+def _use_kernel_masks(model, seeds, p) -> None:
+    queue = list(seeds)
+    for layer in lora_layers(model):
+        layer.lora_dropout["default"] = _KernelMaskDropout(p, queue)
 
 
 def test_dropout_parity_with_kernel_masks(monkeypatch):
@@ -238,7 +258,7 @@ def test_weight_norm_cache_invalidated_by_a_base_weight_change():
         torch.testing.assert_close(ours(**inputs).logits, plain(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_fallbacks_say_why(dora_calls, caplog):
+def test_fallbacks_say_why(dora_calls):
     # two active adapters
     model = dora_model()
     model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj"], use_dora=True))
@@ -246,16 +266,31 @@ def test_fallbacks_say_why(dora_calls, caplog):
     model.base_model.set_adapter(["default", "second"])
     summary = accelerate(model)
     assert summary.reasons["DoRA with several active adapters"] == 2, str(summary)
-    # autocast: peft's path, with the reason logged
-    model = dora_model()
-    accelerate(model)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_autocast_parity(p, dora_calls, monkeypatch):
+    """Under bf16 autocast the DoRA layers run fused (operands cast as autocast casts peft's linears, magnitude and
+    norm in fp32): loss, logits and every gradient under the 2x rule against fp64, peft under autocast the
+    reference; with dropout the oracle gets the op's masks."""
+    plain = dora_model(lora_dropout=p).train()
+    randomize_lora_B(plain, 2)
+    oracle = copy.deepcopy(plain).double()
+    ours = copy.deepcopy(plain)
+    n = accelerate(ours).fused_now
     inputs = batch("llama")
-    with caplog.at_level(logging.INFO, logger="peftkern"), torch.autocast("cpu", dtype=torch.bfloat16):
-        if peftkern._backend.strict():
-            with pytest.raises(Exception, match="autocast"):
-                model(**inputs)
-        else:
-            model(**inputs)
+    if p:
+        seeds = _record_seeds(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16), peftkern.use_backend("torch"):
+        got = run(ours, inputs)
+    assert dora_calls["dora"] == n == 14
+    if p:
+        _use_kernel_masks(plain, seeds, p)
+        _use_kernel_masks(oracle, seeds, p)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = run(plain, inputs)
+    assert got[1].dtype == want[1].dtype
+    assert_matches_peft(got, want, run(oracle, inputs), tiny=1e-3)
 
 
 def test_compile_fullgraph_no_graph_break():
