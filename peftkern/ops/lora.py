@@ -242,19 +242,48 @@ class _LoraLinearEager(torch.autograd.Function):
                 d_b if need_bb else None, None, None, None, None, None, None)
 
 
+class _LoraLinearEagerFp32(torch.autograd.Function):
+    """The torch backend for fp32 x and adapters (the CPU case): the fewest host calls each way
+    (reference.lora.lora_linear_fwd_fp32). It keeps the fp32 0/1 mask for backward (4 bytes per element of x,
+    peft's F.dropout keeps 8): a bool mask costs a conversion at each of its three multiplies."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed):
+        y, ts, keep = ref.lora_linear_fwd_fp32(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, ts, keep)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, ts, keep = ctx.saved_tensors
+        need_dx, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        dx = d_a = d_b = None
+        if need_dx or need_a or need_bb:
+            dy2d = _rows(dy)
+            if not dy2d.is_contiguous():
+                dy2d = dy2d.contiguous()
+            dx, d_a, d_b = ref.lora_linear_bwd_fp32(dy2d, _rows(x), weight, lora_A, lora_B, ts, ctx.scaling, keep,
+                                                    need_dx, need_a, need_bb)
+            if dx is not None and x.dim() != 2:
+                dx = dx.reshape(x.shape)
+        return (dx, *_base_grads(dy, x, need_w, need_b and ctx.has_bias), d_a, d_b, None, None, None)
+
+
 def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
     fwd, bwd = _backends(x.device, lora_A.shape[0])
     if not fwd:  # an explicit cuda request: the op decides per call (its decode kernel depends on M)
         return None
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                         or lora_B.requires_grad or (bias is not None and bias.requires_grad))
-    if fwd == "torch" and bwd == "torch" and p == 0.0 and x.dtype == lora_A.dtype == torch.float32:
-        # The torch backend in as few host calls as possible: aten ops autograd differentiates in C++, saving what
-        # the op saves (so fp32 only). With dropout the mask must come from the seed even under no_grad:
-        # reentrant checkpointing runs the forward without grad and recomputes it with grad.
-        return ref.lora_linear_composed(x, weight, bias, lora_A, lora_B, scaling)
+    # With dropout the mask comes from a seed even under no_grad: reentrant checkpointing runs the forward without
+    # grad and recomputes it with grad, and the seed (drawn from torch's generator) is what repeats.
     seed_t = draw_seed(p)
     seed = int(seed_t) if seed_t is not None else 0
+    if fwd == bwd == "torch" and x.dtype == lora_A.dtype == torch.float32:
+        if grad:
+            return _LoraLinearEagerFp32.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+        return ref.lora_linear_fwd_fp32(x, weight, bias, lora_A, lora_B, scaling, p, seed)[0]
     if grad:
         return _LoraLinearEager.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, seed_t, fwd, bwd)
     y, _ = _fwd_impl(fwd)(_rows(x), weight, bias, lora_A, lora_B, scaling, p, seed)

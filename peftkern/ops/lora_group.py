@@ -109,6 +109,10 @@ def lora_linear_group_checked(x: Tensor, members: list) -> list[Tensor]:
     limit = max_rank(fwd) if fwd else None
     if not fwd or len(members) == 1 or (limit is not None and r > limit):
         return _one_by_one(x, members)  # an explicit cuda request or ranks past the group kernels: per member
+    if fwd == bwd == "torch" and x.dtype == torch.float32 and all(m[2].dtype == torch.float32 for m in members):
+        # The torch backend computes members one by one anyway; in fp32 each member's own eager node costs the host
+        # less than the group's (ops/lora.py's _LoraLinearEagerFp32). Seeds are drawn in member order either way.
+        return _one_by_one(x, members)
     scalings = tuple(m[4] for m in members)
     ps = tuple(m[5] for m in members)
     seed_ts = [_lora.draw_seed(p) for p in ps]
