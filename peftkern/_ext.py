@@ -65,8 +65,12 @@ def csrc_dir() -> Path | None:
     return None
 
 
+HOST_DIR = "host"  # csrc/host: the CPU host extension (_host_ext.py), not part of this build
+
+
 def _source_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes
+                  and p.relative_to(root).parts[0] != HOST_DIR)
 
 
 def sources_sha256(root: Path | None = None) -> str | None:

@@ -366,14 +366,14 @@ def test_dropout_mask_same_in_every_kernel(p):
 
 
 def test_backward_runs_on_the_forwards_backend(monkeypatch):
-    """The backward follows the forward's backend even where autograd runs it outside the context. (With dropout:
-    an fp32 call without it is composed of aten ops on the torch backend, and autograd differentiates those.)"""
+    """The backward follows the forward's backend even where autograd runs it outside the context. (An fp16 base: fp32
+    calls on the torch backend take their own node, _LoraLinearEagerFp32 or the host extension's, torch only.)"""
     from peftkern.ops import lora as lora_op
 
     calls = []
     real = lora_op.ref.lora_linear_bwd
     monkeypatch.setattr(lora_op.ref, "lora_linear_bwd", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x, w, b, a, bb = make_inputs((5,), 24, 20, 4, torch.float32, torch.float32, True)
+    x, w, b, a, bb = make_inputs((5,), 24, 20, 4, torch.float16, torch.float32, True)
     with peftkern.use_backend("torch"):
         y = peftkern.ops.lora_linear(x, w, b, a, bb, 0.5, 0.1)
     with peftkern.use_backend("triton"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend, _validate
+from .. import _backend, _host_ext, _validate
 from ..reference import lora as ref
 from ._out import standalone
 
@@ -281,6 +281,9 @@ def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
     seed_t = draw_seed(p)
     seed = int(seed_t) if seed_t is not None else 0
     if fwd == bwd == "torch" and x.dtype == lora_A.dtype == torch.float32:
+        host = _host_ext.module() if x.device.type == "cpu" else None
+        if host is not None:  # the same math as one C++ autograd node (_host_ext.py): no Python per call or in backward
+            return host.lora_linear_fp32(x, weight, bias, lora_A, lora_B, scaling, p, seed)
         if grad:
             return _LoraLinearEagerFp32.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed)
         return ref.lora_linear_fwd_fp32(x, weight, bias, lora_A, lora_B, scaling, p, seed)[0]

@@ -1,0 +1,99 @@
+// peftkern's CPU host path: the eager torch backend of lora_linear for fp32 x and adapters as one C++ autograd node.
+//
+// The math and the mask are exactly reference/lora.py's lora_linear_fwd_fp32 / lora_linear_bwd_fp32 (same aten ops in
+// the same order, so the same bits): this file only moves the host work out of Python. A Python autograd.Function
+// costs ~25 us more per LoRA call on the CPU than these calls from C++ (benchmarks/NOTES.md, host overhead).
+// Built by peftkern/_host_ext.py (torch's JIT builder), never by the CUDA build (which skips csrc/host).
+#include <torch/extension.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <mutex>
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+Tensor rows(const Tensor& t) { return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)}); }
+
+// keep = s' * (uniform >= p), the uniform draws from a private generator seeded with `seed`: the mask
+// reference.lora._keep(..., as_float=True) gives for `seed` (torch.Generator.manual_seed is set_current_seed).
+Tensor keep_mask(const Tensor& x2d, double p, int64_t seed, double s) {
+  thread_local at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(0);
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_current_seed(static_cast<uint64_t>(seed));
+  }
+  Tensor u = at::rand(x2d.sizes(), gen, x2d.options());
+  u.ge_(p);
+  return u.mul_(s);
+}
+
+struct LoraLinearFp32 : public torch::autograd::Function<LoraLinearFp32> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                        const Tensor& lora_A, const Tensor& lora_B, double scaling, double p, int64_t seed) {
+    Tensor x2d = rows(x);
+    Tensor keep, ts;
+    if (p == 0.0) {
+      ts = at::linear(x2d, lora_A).mul_(scaling);
+    } else {
+      keep = keep_mask(x2d, p, seed, scaling / (1.0 - p));
+      ts = at::linear(x2d * keep, lora_A);
+    }
+    // The base GEMM on x itself gives y x's leading dims; the LoRA term goes in through a view of its rows.
+    Tensor y = at::linear(x, weight, bias);
+    if (y.dim() != 2) {
+      y = y.contiguous();
+      y.view({-1, y.size(-1)}).addmm_(ts, lora_B.t());
+    } else {
+      y.addmm_(ts, lora_B.t());
+    }
+    ctx->save_for_backward({x, weight, lora_A, lora_B, ts, keep});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &ts = saved[4],
+                 &keep = saved[5];
+    Tensor dy = rows(grads[0]).contiguous();
+    Tensor x2d = rows(x);
+    // needs_input_grad counts tensor inputs only: an absent bias has no slot.
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    size_t e = 0;
+    const bool need_dx = ctx->needs_input_grad(e++), need_w = ctx->needs_input_grad(e++);
+    const bool need_b = has_bias && ctx->needs_input_grad(e++);
+    const bool need_a = ctx->needs_input_grad(e++), need_bb = ctx->needs_input_grad(e++);
+    Tensor dx, d_w, d_b, d_a, d_bb;
+    if (need_dx || need_a) {
+      Tensor dt = at::mm(dy, lora_B);  // the gradient of (x * keep) A^T; without dropout scaled here instead
+      if (!keep.defined()) dt.mul_(ctx->saved_data["scaling"].toDouble());
+      if (need_a) d_a = at::mm(dt.t(), keep.defined() ? x2d * keep : x2d);
+      if (need_dx) {
+        dx = at::mm(dt, lora_A);
+        if (keep.defined()) dx.mul_(keep);
+        dx.addmm_(dy, weight);
+        if (x.dim() != 2) dx = dx.view(x.sizes());
+      }
+    }
+    if (need_bb) d_bb = at::mm(dy.t(), ts);
+    if (need_w) d_w = at::mm(dy.t(), x2d);  // a trainable base (the slow path, as ops/lora.py's _base_grads)
+    if (need_b) d_b = dy.sum(0);
+    return {dx, d_w, d_b, d_a, d_bb, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor lora_linear_fp32(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& lora_A,
+                        const Tensor& lora_B, double scaling, double p, int64_t seed) {
+  return LoraLinearFp32::apply(x, weight, bias, lora_A, lora_B, scaling, p, seed);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "peftkern's CPU host path (csrc/host): see peftkern/_host_ext.py";
+  m.def("lora_linear_fp32", &lora_linear_fp32, "reference.lora.lora_linear_fwd_fp32 as one C++ autograd node");
+}
