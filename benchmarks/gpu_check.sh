@@ -81,6 +81,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export PEFTKERN_NO_BUILD=${PEFTKERN_NO_BUILD:-1}
+export PEFTKERN_HOST_EXT=${PEFTKERN_HOST_EXT:-0}  # the CPU host extension serves CPU tensors only: no 30 s build here
 export PEFTKERN_CACHE_DIR=${PEFTKERN_CACHE_DIR:-$PWD/.peftkern_cache}   # kept between calls on a warm machine
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 if [[ -z ${PEFTKERN_COMMIT:-} ]]; then

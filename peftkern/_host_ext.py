@@ -183,9 +183,12 @@ def module():
 
 
 def status() -> dict:
-    """Whether the host path is loaded in this process, and why not; does not build."""
-    return {"loaded": _state.get("module") is not None, "why_not": _state.get("why"),
-            "build_dir": str(build_dir()), "enabled": enabled()}
+    """Whether the host path is built (for this torch and these sources) and loaded in this process, and why not;
+    does not build."""
+    src = source_dir()
+    why_unbuilt = "no sources (csrc/host)" if src is None else _mismatch(build_dir(), src)
+    return {"enabled": enabled(), "built": why_unbuilt is None, "why_not_built": why_unbuilt,
+            "loaded": _state.get("module") is not None, "why_not": _state.get("why"), "build_dir": str(build_dir())}
 
 
 @contextlib.contextmanager

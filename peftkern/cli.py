@@ -75,7 +75,7 @@ def _info(args) -> int:
 
     import peftkern
 
-    from . import _backend, _ext
+    from . import _backend, _ext, _host_ext
 
     print(f"peftkern {peftkern.__version__}  torch {torch.__version__} (CUDA {torch.version.cuda})")
     try:
@@ -95,6 +95,7 @@ def _info(args) -> int:
         why = _backend.cuda_unavailable(dev, build_if_missing=False)
         print(f"  cuda  : {'yes' if why is None else 'no - ' + why}")
     print("CUDA extension:", json.dumps(_ext.status(), indent=1, default=str))
+    print("CPU host extension (built on first use):", json.dumps(_host_ext.status(), indent=1, default=str))
     return 0
 
 

@@ -279,9 +279,11 @@ def test_compile_fullgraph():
         torch.manual_seed(3)
         loss_e = step(x, a, bb)
         g_e = torch.autograd.grad(loss_e, [x, a, bb])
-    torch.testing.assert_close(loss_c, loss_e)
+    # The eager fp32 path folds 1/(1-p)·s into its mask, the op's torch backend scales t: the same mask, another
+    # association of the scalings, so fp32 rounding apart (both are checked against fp64 elsewhere).
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
     for gc, ge in zip(g_c, g_e):
-        torch.testing.assert_close(gc, ge)
+        torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-4)
     explained = torch._dynamo.explain(step)(x, a, bb)
     assert explained.graph_break_count == 0
 
@@ -456,6 +458,8 @@ def test_compile_inductor_matches_eager():
         torch.manual_seed(5)
         loss_e = step(x, a, bb)
         g_e = torch.autograd.grad(loss_e, [x, a, bb])
-    torch.testing.assert_close(loss_c, loss_e)
+    # The eager fp32 path folds 1/(1-p)·s into its mask, the op's torch backend scales t: the same mask, another
+    # association of the scalings, so fp32 rounding apart (both are checked against fp64 elsewhere).
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
     for gc, ge in zip(g_c, g_e):
-        torch.testing.assert_close(gc, ge)
+        torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-4)

@@ -41,15 +41,19 @@ struct LoraLinearFp32 : public torch::autograd::Function<LoraLinearFp32> {
       keep = keep_mask(x2d, p, seed, scaling / (1.0 - p));
       ts = at::linear(x2d * keep, lora_A);
     }
-    // The base GEMM on x itself gives y x's leading dims; the LoRA term goes in through a view of its rows.
-    Tensor y = at::linear(x, weight, bias);
-    if (y.dim() != 2) {
-      y = y.contiguous();
-      y.view({-1, y.size(-1)}).addmm_(ts, lora_B.t());
-    } else {
-      y.addmm_(ts, lora_B.t());
+    Tensor y = at::linear(x2d, weight, bias).addmm_(ts, lora_B.t());
+    if (x.dim() != 2) {  // x's leading dims, as a tensor of its own: autograd forbids in-place ops on a view made
+      auto sizes = x.sizes().vec();  // inside a custom Function, and layers' outputs are often modified in place
+      sizes.back() = y.size(-1);
+      y = at::_unsafe_view(y, sizes);
     }
-    ctx->save_for_backward({x, weight, lora_A, lora_B, ts, keep});
+    // x and W only where a gradient needs them: a 4-bit base's W is a temporary its saved-tensor hook rebuilds
+    // in backward (ops/_dequant.py), which is work where dx is not wanted.
+    const bool w_grad = weight.requires_grad() || (bias.has_value() && bias->defined() && bias->requires_grad());
+    ctx->save_for_backward({lora_A.requires_grad() || w_grad ? x : Tensor(), x.requires_grad() ? weight : Tensor(),
+                            lora_A, lora_B, ts, keep});
+    ctx->saved_data["x_dim"] = x.dim();
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return y;
@@ -60,7 +64,7 @@ struct LoraLinearFp32 : public torch::autograd::Function<LoraLinearFp32> {
     const Tensor &x = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &ts = saved[4],
                  &keep = saved[5];
     Tensor dy = rows(grads[0]).contiguous();
-    Tensor x2d = rows(x);
+    Tensor x2d = x.defined() ? rows(x) : Tensor();
     // needs_input_grad counts tensor inputs only: an absent bias has no slot.
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     size_t e = 0;
@@ -76,7 +80,7 @@ struct LoraLinearFp32 : public torch::autograd::Function<LoraLinearFp32> {
         dx = at::mm(dt, lora_A);
         if (keep.defined()) dx.mul_(keep);
         dx.addmm_(dy, weight);
-        if (x.dim() != 2) dx = dx.view(x.sizes());
+        if (ctx->saved_data["x_dim"].toInt() != 2) dx = dx.view(ctx->saved_data["x_sizes"].toIntVector());
       }
     }
     if (need_bb) d_bb = at::mm(dy.t(), ts);

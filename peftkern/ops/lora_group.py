@@ -79,7 +79,7 @@ class _LoraLinearGroup(torch.autograd.Function):
 
 
 def _one_by_one(x, members):
-    return [_lora.lora_linear_checked(x, *m) for m in members]
+    return [_lora._checked(x, *m) for m in members]
 
 
 def lora_linear_group(x: Tensor, members) -> list[Tensor]:

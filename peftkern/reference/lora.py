@@ -61,21 +61,6 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, keep=None, dropout_p=0
     return (F.linear(x, weight, bias) + lora).to(x.dtype)
 
 
-def lora_linear_composed(x, weight, bias, lora_A, lora_B, scaling, p=0.0, seed=0):
-    """y from differentiable aten ops, for fp32 x and adapters: autograd's C++ engine runs the backward, no Python.
-    Without dropout it saves what the op saves (t = x Aᵀ; x only for dA). With dropout (`seed`'s mask, the one
-    lora_linear_fwd draws) it saves the bool mask and the dropped x (5 bytes per element of x; peft's F.dropout
-    path saves 8, the op's own backward 1 beside x): on the host this costs less than a Python backward."""
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if p == 0.0:
-        t = F.linear(x2d, lora_A)
-    else:
-        t = _mm(x2d * _keep(x2d.shape, x2d.device, p, seed), lora_A.t(), 1.0 / (1.0 - p))
-    y = F.linear(x2d, weight, bias).addmm_(t, lora_B.t(), alpha=scaling)
-    # _unsafe_view (as matmul does): the result is a tensor of its own, not a view a caller could not modify.
-    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
-
-
 _scalars: dict = {}  # (device, value) -> 0-dim fp32 tensor: a Python float argument costs ~1.5 us to wrap per call
 
 
@@ -91,7 +76,7 @@ def _scalar(device: torch.device, value: float) -> torch.Tensor:
 
 def lora_linear_fwd_fp32(x, weight, bias, lora_A, lora_B, scaling, p, seed):
     """The eager torch backend for fp32 x and adapters, in as few host calls as possible. Returns (y, ts, keep):
-    y with x's leading dims, ts = s' (x * keep01) Aᵀ in rows with s' = scaling / (1 - p), and keep = s' · keep01, the
+    y in rows, ts = s' (x * keep01) Aᵀ with s' = scaling / (1 - p), and keep = s' · keep01, the
     fp32 mask `seed` gives with the scale in it (None without dropout), so no product needs an alpha; for
     lora_linear_bwd_fp32."""
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -102,14 +87,7 @@ def lora_linear_fwd_fp32(x, weight, bias, lora_A, lora_B, scaling, p, seed):
     else:
         keep = _keep(x2d.shape, dev, p, seed, as_float=True).mul_(_scalar(dev, scaling / (1.0 - p)))
         ts = F.linear(x2d * keep, lora_A)
-    # The base GEMM on x itself gives y its shape without a reshape of y (a view would need a copy to leave a
-    # Function, which _out.standalone does at ~2.5 us); the LoRA term goes in through a view of its rows.
-    y = F.linear(x, weight, bias)
-    if y.dim() != 2:
-        y = y.contiguous()
-        y.view(-1, y.shape[-1]).addmm_(ts, lora_B.t())
-        return y, ts, keep
-    return y.addmm_(ts, lora_B.t()), ts, keep
+    return F.linear(x2d, weight, bias).addmm_(ts, lora_B.t()), ts, keep
 
 
 def lora_linear_bwd_fp32(dy, x2d, weight, lora_A, lora_B, ts, scaling, keep, need_dx, need_a, need_b):

@@ -14,8 +14,12 @@ def base_model(arch: str, seed: int = 0):
     import transformers as tf
 
     torch.manual_seed(seed)
-    if arch == "llama":
-        cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    if arch in ("llama", "llama64"):
+        # llama64: rows of 64 for 4-bit bases. bitsandbytes >= 0.49 (de)quantises wrong on the CPU where a 64-block
+        # spans two rows (1.5 max error vs the weight where NF4's own is 0.4); peftkern's dequantisation is right there,
+        # so on 32-wide rows it would disagree with peft's layer and an oracle built from bitsandbytes' dequantisation.
+        width = 64 if arch == "llama64" else 32
+        cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         model = tf.LlamaForCausalLM(cfg)
     elif arch == "gpt2":  # attention/MLP are transformers' Conv1D: weight stored (in, out)

@@ -167,10 +167,14 @@ def test_eager_calls_skip_the_custom_op_and_compiled_calls_use_it():
     x = torch.randn(4, 16, requires_grad=True)
     w, a, b = torch.randn(8, 16), torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
     y = lora_ops.lora_linear(x, w, None, a, b, 0.5, 0.1)
-    assert type(y.grad_fn).__name__ == "_LoraLinearEagerBackward"
+    assert type(y.grad_fn).__name__ in _EAGER_NODES
     with torch.device("meta"):  # meta tensors take the op and its fake kernel
         ym = lora_ops.lora_linear(x.to("meta"), w.to("meta"), None, a.to("meta"), b.to("meta"), 0.5, 0.1)
-    assert ym.shape == (4, 8) and "LoraLinearEager" not in type(ym.grad_fn).__name__
+    assert ym.shape == (4, 8) and type(ym.grad_fn).__name__ not in _EAGER_NODES
+
+
+# The eager paths' autograd nodes: the host extension's C++ node (CPU fp32), its Python twin, the general Function.
+_EAGER_NODES = {"CppFunction", "_LoraLinearEagerFp32Backward", "_LoraLinearEagerBackward"}
 
 
 def test_dropout_seed_is_drawn_on_the_cpu():
@@ -210,9 +214,10 @@ def test_plan_survives_and_reflects_restore(x):
 
 
 @pytest.mark.parametrize("lead", [(6,), (2, 3)])
-def test_composed_torch_path_saves_what_the_op_saves(lead):
-    """fp32 without dropout the torch backend is composed of aten ops (autograd's C++ backward): it must keep the
-    same bytes for backward as the op (x and t), and give the op's output and gradients."""
+def test_fp32_torch_path_saves_what_the_op_saves(lead):
+    """fp32 without dropout the torch backend takes its own node (the host extension's on the CPU): it keeps the same
+    bytes for backward as the op (x and an M x r product), its output is a tensor of its own (in-place ops on it
+    work), and it gives the op's output and gradients."""
     from peftkern._memory import saved_bytes
 
     x = torch.randn(*lead, 16, requires_grad=True)
@@ -222,7 +227,8 @@ def test_composed_torch_path_saves_what_the_op_saves(lead):
     with peftkern.use_backend("torch"):
         eager = saved_bytes(lambda: lora_ops.lora_linear(x, w, bias, a, b, 0.5), params)
         y = lora_ops.lora_linear(x, w, bias, a, b, 0.5)
-    assert "LoraLinearEager" not in type(y.grad_fn).__name__ and y._base is None
+    assert type(y.grad_fn).__name__ in _EAGER_NODES and y._base is None
+    y.clone().add_(1.0)
     op = saved_bytes(lambda: torch.ops.peftkern.lora_linear(x, w, bias, a, b, 0.5, 0.0, None)[0], params)
     assert eager == op > 0
     y2, _ = torch.ops.peftkern.lora_linear(x, w, bias, a, b, 0.5, 0.0, None)
@@ -230,6 +236,9 @@ def test_composed_torch_path_saves_what_the_op_saves(lead):
     for g, r in zip(torch.autograd.grad(y, (x, a, b), dy), torch.autograd.grad(y2, (x, a, b), dy)):
         torch.testing.assert_close(g, r)
     torch.testing.assert_close(y, y2)
+    out = lora_ops.lora_linear(x, w, bias, a, b, 0.5) * 1.0
+    out.add_(1.0)  # a layer's output is often modified in place (residual adds, inplace activations)
+    lora_ops.lora_linear(x, w, bias, a, b, 0.5).add_(1.0).sum().backward()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -247,16 +256,20 @@ def test_no_grad_forward_draws_the_grad_forwards_mask(backend):
     torch.testing.assert_close(y0, y1.detach())
 
 
-def test_torch_backend_draws_its_mask_once(monkeypatch):
-    """On the torch backend the eager path keeps its bool mask for backward (one draw per call, not two); the op
-    path regenerates it from the seed, and both give the same gradients (test_eager_and_op_paths_agree)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_draws_its_mask_once(monkeypatch, dtype):
+    """On the torch backend the eager path keeps its mask for backward (one draw per call, not two); the op path
+    regenerates it from the seed, and both give the same gradients (test_eager_and_op_paths_agree). Counted on the
+    Python paths (the host extension's C++ node runs the fp32 one's ops: tests/test_host_ext.py)."""
+    from peftkern import _host_ext
     from peftkern.reference import lora as ref
 
     draws = []
     real = ref._keep
-    monkeypatch.setattr(ref, "_keep", lambda *a: draws.append(1) or real(*a))
-    x = torch.randn(5, 16, requires_grad=True)
-    w, a, b = torch.randn(8, 16), torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
-    with peftkern.use_backend("torch"):
+    monkeypatch.setattr(ref, "_keep", lambda *a, **k: draws.append(1) or real(*a, **k))
+    x = torch.randn(5, 16, requires_grad=True, dtype=dtype)
+    w = torch.randn(8, 16, dtype=dtype)
+    a, b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    with peftkern.use_backend("torch"), _host_ext.forced(None):
         lora_ops.lora_linear(x, w, None, a, b, 0.5, 0.3).sum().backward()
     assert len(draws) == 1
