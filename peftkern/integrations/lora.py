@@ -154,9 +154,9 @@ _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _Pla
 # it must not travel with pickles and deepcopies)
 
 
-def _plan(layer) -> _Plan:
-    if torch.compiler.is_compiling():  # dynamo's guards do this job (and torch 2.11's cannot trace id())
-        return _Plan(layer, None)
+def _plan(layer, compiling: bool | None = None) -> _Plan:
+    if torch.compiler.is_compiling() if compiling is None else compiling:
+        return _Plan(layer, None)  # dynamo's guards do this job (and torch 2.11's cannot trace id())
     key = _state_key(layer)
     plan = _plans.get(layer)
     if plan is None or plan.key != key:
@@ -212,13 +212,16 @@ def _why_not(layer, x, args, kwargs) -> str | None:
 
 def _fused_forward(self, x, *args, **kwargs):
     """Replaces a peft `lora.Linear` instance's forward; see the module docstring for the semantics."""
-    group = None if torch.compiler.is_compiling() else groups.get(self)
+    compiling = torch.compiler.is_compiling()
+    group = None if compiling else groups.get(self)
     if group is not None:
         y = group.call(self, x, args, kwargs)  # its projection group's output for x (lora_group.py), or None
         if y is not None:
             return y
-    plan = _plan(self)
-    compute_dtype = _backend.autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    plan = _plan(self, compiling)
+    compute_dtype = None  # autocast's dtype; one call when autocast is off (the eager case), as autocast_dtype does
+    if isinstance(x, torch.Tensor) and (compiling or torch._C._is_any_autocast_enabled()):
+        compute_dtype = _backend.autocast_dtype(x.device.type)
     why = _input_why_not(plan, self, x, args, kwargs, compute_dtype)
     if why is not None:
         if why:

@@ -277,16 +277,18 @@ def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
     fwd, bwd = _backends(x.device, lora_A.shape[0])
     if not fwd:  # an explicit cuda request: the op decides per call (its decode kernel depends on M)
         return None
-    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
-                                        or lora_B.requires_grad or (bias is not None and bias.requires_grad))
     # With dropout the mask comes from a seed even under no_grad: reentrant checkpointing runs the forward without
     # grad and recomputes it with grad, and the seed (drawn from torch's generator) is what repeats.
     seed_t = draw_seed(p)
     seed = int(seed_t) if seed_t is not None else 0
-    if fwd == bwd == "torch" and x.dtype == lora_A.dtype == torch.float32:
-        host = _host_ext.module() if x.device.type == "cpu" else None
+    fp32_torch = fwd == bwd == "torch" and x.dtype == lora_A.dtype == torch.float32
+    if fp32_torch and x.device.type == "cpu":
+        host = _host_ext.module()
         if host is not None:  # the same math as one C++ autograd node (_host_ext.py): no Python per call or in backward
             return host.lora_linear_fp32(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
+                                        or lora_B.requires_grad or (bias is not None and bias.requires_grad))
+    if fp32_torch:
         if grad:
             return _LoraLinearEagerFp32.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed)
         y = ref.lora_linear_fwd_fp32(x, weight, bias, lora_A, lora_B, scaling, p, seed)[0]
