@@ -15,6 +15,8 @@ from peftkern import _host_ext
 from peftkern.ops import lora as lora_ops
 from peftkern.reference import lora as ref
 
+_HOST_NODE = ("CppFunction", "LoraLinearFp32")  # the C++ node: generic, or its own name once torch named it
+
 
 @pytest.fixture(scope="module")
 def host():
@@ -50,7 +52,7 @@ def test_same_bits_as_the_python_path(host, lead, p, bias, grads):
     args = _inputs(lead, bias, grads == "base too", grads != "x only", grads in ("all", "x only", "base too"))
     dy = torch.randn(*lead, 20)
     y, got = _run(args, p, dy)
-    assert type(y.grad_fn).__name__ == "CppFunction" or not y.requires_grad
+    assert type(y.grad_fn).__name__ in _HOST_NODE or not y.requires_grad
     with _host_ext.forced(None):
         y_py, want = _run(args, p, dy)
     assert y_py.grad_fn is None or type(y_py.grad_fn).__name__ == "_LoraLinearEagerFp32Backward"
@@ -70,13 +72,36 @@ def test_the_mask_is_the_seeds(host):
     torch.testing.assert_close(y, x * keep / 0.5)
 
 
+def test_seed_drawn_in_cpp_is_draw_seeds(host):
+    """The host path draws its seed in C++: the value torch.randint(0, 2**31 - 1, ()) gives (ops.lora.draw_seed), and
+    it advances torch's default generator as that draw does."""
+    torch.manual_seed(123)
+    want = [int(lora_ops.draw_seed(0.1)) for _ in range(200)]
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert [host.draw_seed() for _ in range(200)] == want
+    assert torch.equal(torch.rand(3), after)
+
+
+def test_a_replaced_draw_seed_sees_every_draw(host, monkeypatch):
+    """Tests record seeds by replacing draw_seed; the host path then takes its seeds from it (same values)."""
+    x, w, b, a, bb = _inputs((4,), True, False, True, True)
+    torch.manual_seed(9)
+    y = lora_ops.lora_linear(x, w, b, a, bb, 0.5, 0.3)
+    seen = []
+    real = lora_ops.draw_seed
+    monkeypatch.setattr(lora_ops, "draw_seed", lambda p: seen.append(1) or real(p))
+    torch.manual_seed(9)
+    assert torch.equal(lora_ops.lora_linear(x, w, b, a, bb, 0.5, 0.3), y) and seen == [1]
+
+
 def test_routing():
     """CPU fp32 on the torch backend only: a half x, or adapters in another dtype, take the Python Function."""
     x, w, b, a, bb = _inputs((5,), True, False, True, True)
     y = lora_ops.lora_linear(x.half(), w.half(), b.half(), a, bb, 0.5, 0.1)
     assert type(y.grad_fn).__name__ == "_LoraLinearEagerBackward"
     if _host_ext.module() is not None:
-        assert type(lora_ops.lora_linear(x, w, b, a, bb, 0.5, 0.1).grad_fn).__name__ == "CppFunction"
+        assert type(lora_ops.lora_linear(x, w, b, a, bb, 0.5, 0.1).grad_fn).__name__ in _HOST_NODE
 
 
 def test_off_switch(monkeypatch):

@@ -90,8 +90,18 @@ struct LoraLinearFp32 : public torch::autograd::Function<LoraLinearFp32> {
   }
 };
 
+// ops/lora.py's draw_seed without a Python call or a tensor: torch.randint(0, 2**31 - 1, ()) on the default CPU
+// generator takes random64() % (2**31 - 1) for an int64 result (checked against it in tests/test_host_ext.py).
+int64_t draw_seed() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return static_cast<int64_t>(at::check_generator<at::CPUGeneratorImpl>(gen)->random64() % 2147483647ULL);
+}
+
+// seed < 0 (with dropout): draw it here, as draw_seed() would.
 Tensor lora_linear_fp32(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& lora_A,
                         const Tensor& lora_B, double scaling, double p, int64_t seed) {
+  if (p != 0.0 && seed < 0) seed = draw_seed();
   return LoraLinearFp32::apply(x, weight, bias, lora_A, lora_B, scaling, p, seed);
 }
 
@@ -100,4 +110,5 @@ Tensor lora_linear_fp32(const Tensor& x, const Tensor& weight, const c10::option
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "peftkern's CPU host path (csrc/host): see peftkern/_host_ext.py";
   m.def("lora_linear_fp32", &lora_linear_fp32, "reference.lora.lora_linear_fwd_fp32 as one C++ autograd node");
+  m.def("draw_seed", &draw_seed, "ops.lora.draw_seed's value, drawn in C++");
 }

@@ -105,19 +105,26 @@ def _state_key(layer) -> tuple:
     adapters = mods["lora_A"]._modules
     if names.__class__ is str:
         active = (names,) if names in adapters else ()
+    elif len(names) == 1:  # the usual list of one (no generator per call)
+        active = (names[0],) if names[0] in adapters else ()
     else:
         active = tuple(a for a in names if a in adapters)
     bp = base._parameters
     w, b = bp.get("weight"), bp.get("bias")
-    key = (d["_disable_adapters"], len(d["merged_adapters"]), active, base, _hooked(base), len(d["lora_variant"]),
-           _tensor_key(w), _tensor_key(b))
+    head = (d["_disable_adapters"], len(d["merged_adapters"]), active, base, _hooked(base), len(d["lora_variant"]),
+            id(w), None if w is None else w.data_ptr(), None if w is None else w.dtype, None if w is None else w.shape,
+            _tensor_key(b))
     if not active:
-        return key
+        return head
     a0 = active[0]
     lora_a, lora_b = adapters[a0], mods["lora_B"]._modules[a0]
     ap, bp = lora_a._parameters, lora_b._parameters
-    return (*key, lora_a, _hooked(lora_a), lora_b, _hooked(lora_b), len(ap), len(bp), _tensor_key(ap.get("weight")),
-            _tensor_key(bp.get("weight")), _tensor_key(bp.get("bias")), mods["lora_dropout"]._modules[a0])
+    wa, wb = ap.get("weight"), bp.get("weight")
+    return (head, lora_a, _hooked(lora_a), lora_b, _hooked(lora_b), len(ap), len(bp),
+            id(wa), None if wa is None else wa.data_ptr(), None if wa is None else wa.dtype,
+            None if wa is None else wa.shape, id(wb), None if wb is None else wb.data_ptr(),
+            None if wb is None else wb.dtype, None if wb is None else wb.shape, _tensor_key(bp.get("bias")),
+            mods["lora_dropout"]._modules[a0])
 
 
 def _hooked(m) -> bool:

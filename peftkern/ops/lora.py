@@ -163,6 +163,9 @@ def draw_seed(dropout_p: float) -> Tensor | None:
     return torch.randint(0, _MAX_SEED, (), dtype=torch.int64, device="cpu")
 
 
+_DRAW_SEED = draw_seed  # the module's own; a replaced draw_seed is seen by identity
+
+
 # ------------------------------------------------------------------------------------------ eager path
 # In eager mode the op's own dispatch (custom-op wrapper, argument defaults, redispatch, a seed tensor and
 # its .item(), a backend choice rebuilt per call) cost more host time than the work on small layers. Eager
@@ -277,15 +280,18 @@ def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
     fwd, bwd = _backends(x.device, lora_A.shape[0])
     if not fwd:  # an explicit cuda request: the op decides per call (its decode kernel depends on M)
         return None
-    # With dropout the mask comes from a seed even under no_grad: reentrant checkpointing runs the forward without
-    # grad and recomputes it with grad, and the seed (drawn from torch's generator) is what repeats.
-    seed_t = draw_seed(p)
-    seed = int(seed_t) if seed_t is not None else 0
     fp32_torch = fwd == bwd == "torch" and x.dtype == lora_A.dtype == torch.float32
     if fp32_torch and x.device.type == "cpu":
         host = _host_ext.module()
         if host is not None:  # the same math as one C++ autograd node (_host_ext.py): no Python per call or in backward
+            # The seed is drawn in C++ (the same value: test_host_ext.py), unless draw_seed was replaced (tests
+            # record seeds that way): then every draw still goes through it.
+            seed = -1 if draw_seed is _DRAW_SEED or p == 0.0 else int(draw_seed(p))
             return host.lora_linear_fp32(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+    # With dropout the mask comes from a seed even under no_grad: reentrant checkpointing runs the forward without
+    # grad and recomputes it with grad, and the seed (drawn from torch's generator) is what repeats.
+    seed_t = draw_seed(p)
+    seed = int(seed_t) if seed_t is not None else 0
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                         or lora_B.requires_grad or (bias is not None and bias.requires_grad))
     if fp32_torch:

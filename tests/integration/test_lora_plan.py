@@ -174,7 +174,7 @@ def test_eager_calls_skip_the_custom_op_and_compiled_calls_use_it():
 
 
 # The eager paths' autograd nodes: the host extension's C++ node (CPU fp32), its Python twin, the general Function.
-_EAGER_NODES = {"CppFunction", "_LoraLinearEagerFp32Backward", "_LoraLinearEagerBackward"}
+_EAGER_NODES = {"CppFunction", "LoraLinearFp32", "_LoraLinearEagerFp32Backward", "_LoraLinearEagerBackward"}
 
 
 def test_dropout_seed_is_drawn_on_the_cpu():
