@@ -174,7 +174,7 @@ _DRAW_SEED = draw_seed  # the module's own; a replaced draw_seed is seen by iden
 
 
 def _eager(x: Tensor) -> bool:
-    return (type(x) is torch.Tensor and x.device.type != "meta" and not torch.compiler.is_compiling()
+    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and not x.is_meta
             and not torch._C._get_tracing_state() and not torch._C._are_functorch_transforms_active())
 
 
@@ -281,7 +281,7 @@ def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
     if not fwd:  # an explicit cuda request: the op decides per call (its decode kernel depends on M)
         return None
     fp32_torch = fwd == bwd == "torch" and x.dtype == lora_A.dtype == torch.float32
-    if fp32_torch and x.device.type == "cpu":
+    if fp32_torch and x.is_cpu:
         host = _host_ext.module()
         if host is not None:  # the same math as one C++ autograd node (_host_ext.py): no Python per call or in backward
             # The seed is drawn in C++ (the same value: test_host_ext.py), unless draw_seed was replaced (tests
