@@ -131,8 +131,7 @@ def test_checkpointing_recomputes_the_same_mask(host):
 
 def test_saved_tensor_hooks_see_what_it_saves(host):
     """Saved-tensor hooks (offloading, non-reentrant checkpointing) see the C++ node's saved tensors: x, ts (M x r) and
-    the fp32 mask beside the weights. peft's composition keeps as many bytes, but two of them new tensors (its noise and
-    the dropped x) where ours keeps x itself, which a model holds anyway."""
+    the bool mask beside the weights; peft's composition keeps its fp32 noise and the dropped x instead."""
     from peftkern._memory import saved_bytes
 
     x, w, b, a, bb = _inputs((64,), True, False, True, True)
@@ -141,7 +140,7 @@ def test_saved_tensor_hooks_see_what_it_saves(host):
     drop = torch.nn.Dropout(0.1)
     peft_like = saved_bytes(lambda: torch.nn.functional.linear(x, w, b) + torch.nn.functional.linear(
         torch.nn.functional.linear(drop(x), a), bb) * 0.5, params)
-    assert ours == 2 * x.nbytes + 64 * 4 * 4 <= peft_like, (ours, peft_like)
+    assert ours == x.nbytes + x.numel() + 64 * 4 * 4 < peft_like, (ours, peft_like)
 
 
 # ------------------------------------------------------------------------ build logic, without a compiler

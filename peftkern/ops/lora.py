@@ -247,8 +247,8 @@ class _LoraLinearEager(torch.autograd.Function):
 
 class _LoraLinearEagerFp32(torch.autograd.Function):
     """The torch backend for fp32 x and adapters (the CPU case): the fewest host calls each way
-    (reference.lora.lora_linear_fwd_fp32). It keeps the fp32 0/1 mask for backward (4 bytes per element of x,
-    peft's F.dropout keeps 8): a bool mask costs a conversion at each of its three multiplies."""
+    (reference.lora.lora_linear_fwd_fp32). It keeps the bool mask for backward (1 byte per element of x; peft's
+    F.dropout path keeps 8)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed):
@@ -257,7 +257,7 @@ class _LoraLinearEagerFp32(torch.autograd.Function):
         w_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
         ctx.save_for_backward(x if lora_A.requires_grad or w_grad else None, weight if x.requires_grad else None,
                               lora_A, lora_B, ts, keep)
-        ctx.scaling, ctx.has_bias, ctx.x_shape = scaling, bias is not None, x.shape
+        ctx.scaling, ctx.p, ctx.has_bias, ctx.x_shape = scaling, p, bias is not None, x.shape
         return y if x.dim() == 2 else standalone(y, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
@@ -270,7 +270,7 @@ class _LoraLinearEagerFp32(torch.autograd.Function):
             if not dy2d.is_contiguous():
                 dy2d = dy2d.contiguous()
             dx, d_a, d_b = ref.lora_linear_bwd_fp32(dy2d, None if x is None else _rows(x), weight, lora_A, lora_B,
-                                                    ts, ctx.scaling, keep, need_dx, need_a, need_bb)
+                                                    ts, ctx.scaling, ctx.p, keep, need_dx, need_a, need_bb)
             if dx is not None and len(ctx.x_shape) != 2:
                 dx = dx.reshape(ctx.x_shape)
         return (dx, *_base_grads(dy, x, need_w, need_b and ctx.has_bias), d_a, d_b, None, None, None)

@@ -157,7 +157,8 @@ def _no_value_checks() -> Iterator[None]:
 
 class _OpCount(TorchDispatchMode):
     """Counts calls of peftkern's forward ops (`peftkern::<name>`, backward ops excluded), and on a CPU target the
-    bool dropout mask the torch backend's eager LoRA path keeps beside what the op saves (ops/lora.py). Keeps the
+    bool dropout mask the torch backend's eager LoRA path keeps beside what the op saves (ops/lora.py; the fp32 path
+    keeps no seed tensor). Keeps the
     storages `dequantize_4bit` writes: the 4-bit LoRA op's per-call weight, which autograd does not keep (the op saves
     a recipe instead, ops/lora_4bit.py)."""
 
@@ -173,7 +174,9 @@ class _OpCount(TorchDispatchMode):
         if ns == "peftkern" and not name.endswith("_backward"):
             self.calls[name] += 1
             if name == "lora_linear" and self.target == "cpu" and args[6] > 0.0:
-                self.extra_bytes += args[0].numel()
+                x, lora_a = args[0], args[3]
+                # the bool mask; the fp32 path (x and adapters fp32) keeps no seed tensor where the op keeps one
+                self.extra_bytes += x.numel() - (8 if x.dtype == lora_a.dtype == torch.float32 else 0)
         out = func(*args, **(kwargs or {}))
         if ns == "peftkern" and name == "dequantize_4bit":
             st = out.untyped_storage()

@@ -265,8 +265,8 @@ def test_torch_backend_draws_its_mask_once(monkeypatch, dtype):
     from peftkern.reference import lora as ref
 
     draws = []
-    real = ref._keep
-    monkeypatch.setattr(ref, "_keep", lambda *a, **k: draws.append(1) or real(*a, **k))
+    real = ref._uniform  # every mask of the torch backend is drawn here
+    monkeypatch.setattr(ref, "_uniform", lambda *a, **k: draws.append(1) or real(*a, **k))
     x = torch.randn(5, 16, requires_grad=True, dtype=dtype)
     w = torch.randn(8, 16, dtype=dtype)
     a, b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
