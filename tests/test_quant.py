@@ -31,11 +31,20 @@ def test_dequantize_matches_bitsandbytes(quant_type, nested, backend):
             w = (torch.randn(shape) * 3).to(wdtype).to(DEVICE)
             q, qs = F.quantize_4bit(w, blocksize=bs, quant_type=quant_type, compress_statistics=nested)
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                want = F.dequantize_4bit(q, qs).to(dtype)
+                # bitsandbytes >= 0.49 dequantises (3, 96) in blocks of 256 wrong on the CPU (error 4.0 vs the weight
+                # where NF4's own is 1.4; 0.48 was right): there the reference is the oracle.
+                bnb_wrong = DEVICE.type == "cpu" and shape == (3, 96) and _bnb_version() >= (0, 49)
+                want = (ref.dequantize_4bit(q, qs, torch.float32) if bnb_wrong else F.dequantize_4bit(q, qs)).to(dtype)
                 with peftkern.use_backend(backend):
                     got = ops.dequantize(q, qs, dtype)
                 assert got.dtype == dtype and got.shape == want.shape
                 assert torch.equal(got, want), (shape, bs, wdtype, dtype, (got.float() - want.float()).abs().max())
+
+
+def _bnb_version() -> tuple[int, int]:
+    import bitsandbytes
+
+    return tuple(int(v) for v in bitsandbytes.__version__.split(".")[:2])
 
 
 def test_reference_matches_bitsandbytes():
