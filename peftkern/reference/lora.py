@@ -72,7 +72,8 @@ def _scalar(device: torch.device, value: float) -> torch.Tensor:
     if t is None:
         if len(_scalars) > 256:  # scalings and probabilities are per layer: a few values, unless a caller sweeps
             _scalars.clear()
-        t = _scalars[key] = torch.tensor(value, dtype=torch.float32, device=device)
+        with torch.inference_mode(False):  # a cached inference tensor could not meet autograd later
+            t = _scalars[key] = torch.tensor(value, dtype=torch.float32, device=device)
     return t
 
 
