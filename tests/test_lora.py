@@ -463,3 +463,22 @@ def test_compile_inductor_matches_eager():
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
     for gc, ge in zip(g_c, g_e):
         torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_under_autocast_operands_are_cast_as_autocast_casts_linear(p):
+    """peftkern.ops.lora_linear under autocast: every float operand in autocast's dtype (as F.linear's are in peft's
+    layer), the result in that dtype, gradients back to the fp32 leaves; the same as casting by hand."""
+    dt = torch.bfloat16
+    x, w, b, a, bb = make_inputs((2, 5), 24, 20, 4, torch.float32, torch.float32, True)
+    with torch.autocast(DEVICE.type, dtype=dt):
+        torch.manual_seed(3)
+        y = peftkern.ops.lora_linear(x, w, b, a, bb, 0.5, p)
+    assert y.dtype == dt
+    y.float().sum().backward()
+    assert x.grad.dtype == a.grad.dtype == bb.grad.dtype == torch.float32
+    torch.manual_seed(3)
+    by_hand = peftkern.ops.lora_linear(*(t.detach().to(dt) for t in (x, w, b, a, bb)), 0.5, p)
+    torch.testing.assert_close(y, by_hand, rtol=0, atol=0)
+    with torch.autocast(DEVICE.type, dtype=dt), pytest.raises((TypeError, ValueError, RuntimeError)):
+        peftkern.ops.lora_linear(x.long(), w, b, a, bb, 0.5, p)  # checks still run before any cast hides a bad input

@@ -330,6 +330,16 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     x and weight share a dtype (fp32/fp16/bf16); lora_A/lora_B may be fp32 on a half base, as peft
     keeps them. The result has x's dtype. Dropout is applied when dropout_p > 0 (pass 0.0 in eval),
     from a seed drawn from torch's default generator; the mask is regenerated in backward.
+    Under autocast every float operand is cast to autocast's dtype, as autocast casts F.linear's (peft's layer under
+    autocast), and the result has that dtype.
     """
+    if isinstance(x, Tensor) and (torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled()):
+        dt = _backend.autocast_dtype(x.device.type)
+        if dt is not None:
+            x, weight, bias, lora_A, lora_B = (t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t
+                                               for t in (x, weight, bias, lora_A, lora_B))
+            _validate.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+            with torch.autocast(x.device.type, enabled=False):  # cast already: no recast inside
+                return lora_linear_checked(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p))
     _validate.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     return lora_linear_checked(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p))
