@@ -211,6 +211,12 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
+def _contiguous_rows(t: Tensor) -> Tensor:
+    """`t`'s rows, contiguous (the backward's products read dy by rows; most calls get it so already)."""
+    rows = _rows(t)
+    return rows if rows.is_contiguous() else rows.contiguous()
+
+
 class _LoraLinearEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, seed_t, fwd_backend, bwd_backend):
@@ -233,9 +239,7 @@ class _LoraLinearEager(torch.autograd.Function):
         need_dx, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dx = d_a = d_b = None
         if need_dx or need_a or need_bb:
-            dy2d = _rows(dy)
-            if not dy2d.is_contiguous():
-                dy2d = dy2d.contiguous()
+            dy2d = _contiguous_rows(dy)
             args = (dy2d, _rows(x), weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, ctx.seed, need_dx,
                     need_a or need_bb)
             dx, d_a, d_b = ref.lora_linear_bwd(*args, keep=keep) if keep is not None else _bwd_impl(ctx.backend)(*args)
@@ -266,9 +270,7 @@ class _LoraLinearEagerFp32(torch.autograd.Function):
         need_dx, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dx = d_a = d_b = None
         if need_dx or need_a or need_bb:
-            dy2d = _rows(dy)
-            if not dy2d.is_contiguous():
-                dy2d = dy2d.contiguous()
+            dy2d = _contiguous_rows(dy)
             dx, d_a, d_b = ref.lora_linear_bwd_fp32(dy2d, None if x is None else _rows(x), weight, lora_A, lora_B,
                                                     ts, ctx.scaling, ctx.p, keep, need_dx, need_a, need_bb)
             if dx is not None and len(ctx.x_shape) != 2:

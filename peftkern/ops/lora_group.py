@@ -61,7 +61,7 @@ class _LoraLinearGroup(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_dx = need[0]
         need_ab = any(need[2 + 4 * g + 2] or need[2 + 4 * g + 3] for g in range(n))
-        dys2d = [None if dy is None else _lora._rows(dy).contiguous() for dy in dys]
+        dys2d = [None if dy is None else _lora._contiguous_rows(dy) for dy in dys]
         dx, d_as, d_bs = None, [None] * n, [None] * n
         if need_dx or need_ab:
             members = [(ws[g], None, a_s[g], b_s[g], scalings[g], ps[g]) for g in range(n)]
